@@ -1,0 +1,3 @@
+"""Model families. Importing a family module registers its variants."""
+
+from jvit.models import sot  # noqa: F401

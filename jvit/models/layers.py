@@ -1,0 +1,322 @@
+"""Small building blocks shared by every jvit model family.
+
+The originals are PyTorch/timm code; these layers reproduce timm's numerics in Flax linen:
+
+* exact (erf) GELU, since ``flax.linen.gelu`` defaults to the tanh approximation;
+* LayerNorm / BatchNorm with the epsilon each original uses (Flax's LayerNorm default 1e-6 and
+  BatchNorm momentum convention differ from PyTorch's);
+* convolutions with explicit symmetric padding: ``'SAME'`` pads (0, 1) for stride 2 where PyTorch
+  pads (1, 1), which shifts the sampling grid;
+* initialisers that match PyTorch/timm defaults, so training from scratch starts where the
+  original starts.
+
+Everything works on channels-last (NHWC / ``[batch, tokens, dim]``) arrays.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+# timm's ``trunc_normal_(std=.02)`` truncates at an *absolute* +-2, i.e. at +-100 sigma: it is a plain
+# normal for every practical purpose (Flax's truncated_normal would cut at +-2 sigma instead).
+trunc_normal_02 = nn.initializers.normal(stddev=0.02)
+
+# PyTorch's default Conv/Linear weight init: kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(fan_in), +).
+torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_default_bias_init(fan_in: int) -> Initializer:
+    """PyTorch's default bias init for Conv/Linear: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``."""
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact GELU ``x * Phi(x)`` as ``torch.nn.GELU()`` computes it (Hendrycks & Gimpel, 2016)."""
+    return nn.gelu(x, approximate=False)
+
+
+def layer_norm(eps: float, name: str | None = None, dtype: Dtype = jnp.float32) -> nn.LayerNorm:
+    """A LayerNorm over the last axis with the original's epsilon and the two-pass variance.
+
+    ``use_fast_variance=False`` computes ``mean((x - mean)^2)`` like PyTorch instead of
+    ``mean(x^2) - mean^2``, which loses digits when the mean is large.
+    """
+    return nn.LayerNorm(epsilon=eps, use_fast_variance=False, dtype=dtype, name=name)
+
+
+def batch_norm(
+    train: bool,
+    eps: float = 1e-5,
+    torch_momentum: float = 0.1,
+    name: str | None = None,
+    dtype: Dtype = jnp.float32,
+) -> nn.BatchNorm:
+    """BatchNorm over every axis but the last, parameterised the PyTorch way.
+
+    Flax's ``momentum`` is the weight of the old running value, PyTorch's the weight of the new
+    one, hence ``1 - torch_momentum``. Batch statistics are used when ``train`` is true (and the
+    ``batch_stats`` collection must then be mutable), running statistics otherwise.
+
+    Deviation (training only): PyTorch updates ``running_var`` with the unbiased batch variance,
+    Flax with the biased one; for the batch x spatial sizes these models train on the factor
+    ``n / (n - 1)`` is below 1.0001.
+    """
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=1.0 - torch_momentum,
+        epsilon=eps,
+        use_fast_variance=False,
+        dtype=dtype,
+        name=name,
+    )
+
+
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
+
+
+def conv2d(
+    features: int,
+    kernel_size: int | Sequence[int],
+    *,
+    in_features: int,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    groups: int = 1,
+    use_bias: bool = True,
+    kernel_init: Initializer = torch_default_kernel_init,
+    name: str | None = None,
+    dtype: Dtype = jnp.float32,
+) -> nn.Conv:
+    """``torch.nn.Conv2d`` for NHWC input: explicit symmetric zero padding, PyTorch's default init.
+
+    Arguments mirror PyTorch's constructor (``in_features`` is only needed for the default bias
+    init); ``groups == in_features`` gives a depthwise convolution. The kernel is HWIO
+    (``[kh, kw, in/groups, out]``).
+    """
+    kh, kw = _pair(kernel_size)
+    ph, pw = _pair(padding)
+    return nn.Conv(
+        features,
+        (kh, kw),
+        strides=_pair(stride),
+        padding=((ph, ph), (pw, pw)),
+        feature_group_count=groups,
+        use_bias=use_bias,
+        kernel_init=kernel_init,
+        bias_init=torch_default_bias_init((in_features // groups) * kh * kw),
+        dtype=dtype,
+        name=name,
+    )
+
+
+def dense(
+    features: int,
+    use_bias: bool = True,
+    name: str | None = None,
+    dtype: Dtype = jnp.float32,
+    kernel_init: Initializer = trunc_normal_02,
+) -> nn.Dense:
+    """A Linear layer with timm's ViT init (normal std 0.02, zero bias)."""
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        kernel_init=kernel_init,
+        bias_init=nn.initializers.zeros,
+        dtype=dtype,
+        name=name,
+    )
+
+
+def max_pool_2d(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:
+    """``torch.nn.MaxPool2d`` on NHWC: explicit padding with -inf, floor mode."""
+    return nn.max_pool(x, (window, window), (stride, stride), ((padding, padding), (padding, padding)))
+
+
+def avg_pool_2d(x: jax.Array, window: int, stride: int) -> jax.Array:
+    """``torch.nn.AvgPool2d`` without padding on NHWC input."""
+    return nn.avg_pool(x, (window, window), (stride, stride), "VALID")
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (Huang et al., 2016), timm's ``DropPath``.
+
+    In training each sample's residual branch is zeroed with probability ``rate`` and survivors
+    are scaled by ``1 / (1 - rate)``; identity in eval. Uses the ``dropout`` rng stream.
+    """
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        if not train or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
+        return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+def drop_path_rates(rate: float, depth: int) -> list[float]:
+    """Per-block stochastic-depth rates rising linearly from 0 to ``rate`` (``torch.linspace``)."""
+    return [float(r) for r in np.linspace(0.0, rate, depth)] if depth > 1 else [0.0] * depth
+
+
+class Mlp(nn.Module):
+    """Transformer feed-forward network ``fc2(drop(act(fc1(x))))`` (Vaswani et al., 2017, Eq. 2)."""
+
+    hidden_features: int
+    out_features: int | None = None
+    drop: float = 0.0
+    act: Callable[[jax.Array], jax.Array] = gelu
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        out = self.out_features or x.shape[-1]
+        x = dense(self.hidden_features, name="fc1", dtype=self.dtype)(x)
+        x = self.act(x)
+        x = nn.Dropout(self.drop)(x, deterministic=not train)
+        x = dense(out, name="fc2", dtype=self.dtype)(x)
+        return nn.Dropout(self.drop)(x, deterministic=not train)
+
+
+def split_heads(x: jax.Array, parts: int, num_heads: int) -> tuple[jax.Array, ...]:
+    """Split a fused projection ``[..., N, parts*C]`` laid out ``(part, head, channel)``.
+
+    This is the timm layout of ``qkv`` (``reshape(B, N, 3, heads, hd)``). Returns ``parts``
+    arrays of shape ``[..., N, heads, hd]``.
+    """
+    *lead, width = x.shape
+    x = x.reshape(*lead, parts, num_heads, width // (parts * num_heads))
+    return tuple(x[..., i, :, :] for i in range(parts))
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    scale: float,
+    dropout: nn.Dropout | None = None,
+    train: bool = False,
+) -> jax.Array:
+    """``softmax(q k^T * scale) v`` per head on ``[B, N, heads, hd]`` inputs (Vaswani et al., Eq. 1).
+
+    The softmax runs in float32 whatever the compute dtype, as in the originals' AMP training.
+    """
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    if dropout is not None:
+        attn = dropout(attn, deterministic=not train)
+    return jnp.einsum("bhqk,bkhd->bqhd", attn, v)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused ``qkv`` projection (timm's ViT ``Attention``).
+
+    ``qkv`` output channels are laid out ``(q|k|v, head, channel)``; the scale is
+    ``qk_scale or head_dim**-0.5``; heads are concatenated head-major before ``proj``.
+    """
+
+    num_heads: int
+    qkv_bias: bool = False
+    qk_scale: float | None = None
+    attn_drop: float = 0.0
+    proj_drop: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        *lead, n, c = x.shape
+        if c % self.num_heads:
+            raise ValueError(f"width {c} is not divisible by num_heads={self.num_heads}")
+        head_dim = c // self.num_heads
+        qkv = dense(3 * c, use_bias=self.qkv_bias, name="qkv", dtype=self.dtype)(x)
+        q, k, v = split_heads(qkv, 3, self.num_heads)
+        scale = self.qk_scale if self.qk_scale is not None else head_dim**-0.5
+        out = dot_product_attention(q, k, v, scale, nn.Dropout(self.attn_drop), train)
+        out = out.reshape(*lead, n, c)
+        out = dense(c, name="proj", dtype=self.dtype)(out)
+        return nn.Dropout(self.proj_drop)(out, deterministic=not train)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (Dosovitskiy et al., 2021, Eq. 2-3)::
+
+        x = x + DropPath(Attn(LN1(x)))
+        x = x + DropPath(MLP(LN2(x)))
+
+    The block is the timm ``Block`` the SoT, So-ViT and HVT originals use; ``norm_eps``,
+    ``qkv_bias`` and ``mlp_ratio`` are the knobs they differ in.
+    """
+
+    num_heads: int
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = False
+    qk_scale: float | None = None
+    drop: float = 0.0
+    attn_drop: float = 0.0
+    drop_path: float = 0.0
+    norm_eps: float = 1e-5
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        c = x.shape[-1]
+        drop_path = DropPath(self.drop_path)
+        y = layer_norm(self.norm_eps, name="norm1", dtype=self.dtype)(x)
+        y = Attention(
+            self.num_heads, self.qkv_bias, self.qk_scale, self.attn_drop, self.drop,
+            dtype=self.dtype, name="attn",
+        )(y, train)
+        x = x + drop_path(y, train)
+        y = layer_norm(self.norm_eps, name="norm2", dtype=self.dtype)(x)
+        y = Mlp(int(c * self.mlp_ratio), drop=self.drop, dtype=self.dtype, name="mlp")(y, train)
+        return x + drop_path(y, train)
+
+
+def sinusoid_table(num_positions: int, dim: int) -> np.ndarray:
+    """The fixed sinusoid position table of Vaswani et al. (2017, Sec. 3.5), ``[1, P, dim]``.
+
+    ``angle(p, j) = p / 10000**(2*floor(j/2)/dim)``; even columns take ``sin``, odd ``cos``.
+    Computed in float64 and stored as float32, like the originals.
+    """
+    pos = np.arange(num_positions, dtype=np.float64)[:, None]
+    j = np.arange(dim)
+    angle = pos / np.power(10000.0, 2 * (j // 2) / dim)[None, :]
+    table = np.where(j % 2 == 0, np.sin(angle), np.cos(angle))
+    return table[None].astype(np.float32)
+
+
+def tokens_from_map(x: jax.Array) -> jax.Array:
+    """``[B, H, W, C]`` feature map to ``[B, H*W, C]`` tokens in row-major order (torch's ``flatten(2)``)."""
+    b, h, w, c = x.shape
+    return x.reshape(b, h * w, c)
+
+
+def check_image(x: jax.Array, img_size: int | tuple[int, int] | None, model: str) -> None:
+    """Fail early, naming the problem, on input that is not a float NHWC RGB batch of the right size."""
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(
+            f"{model} expects float NHWC images [batch, height, width, 3]; got shape {tuple(x.shape)}"
+            + (" (NCHW? transpose with x.transpose(0, 2, 3, 1))" if x.ndim == 4 and x.shape[1] == 3 else "")
+        )
+    if img_size is not None and tuple(x.shape[1:3]) != _pair(img_size):
+        raise ValueError(
+            f"{model} was built for {_pair(img_size)} inputs but got {tuple(x.shape[1:3])}; "
+            "create the model with img_size= the input size (where the family supports it)"
+        )

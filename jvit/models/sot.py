@@ -1,0 +1,497 @@
+"""SoT and So-ViT: vision transformers with a second-order classification head.
+
+J. Xie, R. Zeng, Q. Wang, Z. Zhou, P. Li. "SoT: Delving Deeper into Classification Head for
+Transformer", arXiv 2104.10935 (v2, 2021; v1 "So-ViT: Mind Visual Tokens for Vision Transformer").
+
+Both families share one skeleton::
+
+    image -> conv token embedding (14x14 tokens) -> [cls] + tokens + frozen sinusoid pos_embed
+          -> depth x pre-LN ViT block -> LayerNorm
+          -> logits = cls_fc(x[:, 0]) + visual_fc(svPN(cross_covariance(x[:, 1:])))
+
+* SoT: DenseNet-style token embedding; the head pools the word tokens with multi-headed global
+  cross-covariance pooling (MGCrP) and singular value power normalisation (svPN).
+* So-ViT: ResNet-bottleneck token embedding; a single cross-covariance between two BN/ReLU-reduced
+  views of the tokens, also svPN-normalised.
+
+The second-order head (:class:`SVPN`, :class:`MGCrP`, :class:`CrossCovariancePooling`,
+:class:`SecondOrderClassifier`) takes any ``[batch, tokens, dim]`` sequence and so sits on any
+backbone. Everything in it is batched matmuls inside the jitted program: no SVD, no host round
+trip, loops only over the fixed (static) number of power iterations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jvit.models.layers import (
+    Block,
+    Dtype,
+    avg_pool_2d,
+    batch_norm,
+    check_image,
+    conv2d,
+    dense,
+    drop_path_rates,
+    layer_norm,
+    max_pool_2d,
+    sinusoid_table,
+    tokens_from_map,
+    trunc_normal_02,
+)
+from jvit.registry import PretrainedCfg, register_model
+
+# ---------------------------------------------------------------------------------------------
+# The second-order head
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SVPNConfig:
+    """Hyper-parameters of :class:`SVPN` (the official models use the defaults)."""
+
+    alpha: float = 0.5
+    iter_num: int = 1
+    sv_num: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadConfig:
+    """The second-order head of a variant.
+
+    Attributes:
+      pooling: ``'mgcrp'`` (SoT: ``dims = (heads, wr_dim)``) or ``'cross'`` (So-ViT: ``dims = (d1, d2)``).
+      dims: see ``pooling``.
+      svpn: power-normalisation settings.
+      dropout: dropout before ``visual_fc`` (the original's ``regular``).
+    """
+
+    pooling: Literal["mgcrp", "cross"]
+    dims: tuple[int, int]
+    svpn: SVPNConfig = SVPNConfig()
+    dropout: float = 0.0
+
+
+def _normalize(a: jax.Array) -> jax.Array:
+    """``a / max(||a||_2, 1e-12)`` over the last axis (``torch.nn.functional.normalize``)."""
+    return a / jnp.maximum(jnp.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
+
+
+class SVPN(nn.Module):
+    """Singular value power normalisation of a batch of matrices ``X [..., n, m]``.
+
+    Approximates ``U diag(sigma^alpha) V^T`` of the top ``sv_num`` singular triplets with
+    ``iter_num`` steps of power iteration from a learned start vector ``weight`` (length ``m``),
+    deflating after each triplet, and divides the remainder by ``s_last^(1-alpha) + eps``::
+
+        R = X; acc = 0
+        repeat sv_num:  v = weight
+                        repeat iter_num: u = normalize(R v); v = normalize(R^T u)
+                        s = u^T R v;  acc += s^alpha u v^T;  R -= s u v^T
+        Y = acc + R / (s^(1-alpha) + eps)
+
+    The same learned ``weight`` starts every deflation step. The head is computed in float32
+    whatever the compute dtype: ``s`` can be small and ``eps`` is below bf16 resolution.
+
+    Intermediates sown: ``svpn_sigma`` (the first singular value estimate).
+    """
+
+    alpha: float = 0.5
+    iter_num: int = 1
+    sv_num: int = 1
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        w = self.param("weight", nn.initializers.normal(1.0), (x.shape[-1],), jnp.float32)
+        residual, acc, sigma = x, jnp.zeros_like(x), None
+        for step in range(self.sv_num):
+            v = jnp.broadcast_to(w, x.shape[:-2] + w.shape)
+            for _ in range(self.iter_num):
+                u = _normalize(jnp.einsum("...nm,...m->...n", residual, v))
+                v = _normalize(jnp.einsum("...nm,...n->...m", residual, u))
+            # (u^T R) v, in the original's order of operations.
+            s = jnp.einsum("...m,...m->...", jnp.einsum("...n,...nm->...m", u, residual), v)
+            if step == 0:
+                self.sow("intermediates", "svpn_sigma", s)
+            rank_one = s[..., None, None] * u[..., :, None] * v[..., None, :]
+            acc = acc + jnp.power(s, self.alpha)[..., None, None] * u[..., :, None] * v[..., None, :]
+            residual = residual - rank_one
+            sigma = s
+        return acc + residual / (jnp.power(sigma, 1.0 - self.alpha) + self.eps)[..., None, None]
+
+
+class MGCrP(nn.Module):
+    """Multi-headed global cross-covariance pooling (SoT's head), tokens ``[B, N, C]`` -> ``[B, h*d*d]``.
+
+    One bias-free projection ``wr`` gives per head a ``Q`` and a ``K`` view of the tokens
+    (``[N, d]`` each; output channels laid out ``(Q|K, head, d)``). Each view is centred by ONE
+    scalar, the mean of all its ``N*d`` entries (the original's 3-D ``adaptive_avg_pool2d``; not a
+    per-column mean), then ``Sigma = Q^T K / N`` is svPN-normalised and flattened row-major,
+    heads first.
+    """
+
+    num_heads: int
+    wr_dim: int
+    svpn: SVPNConfig = SVPNConfig()
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, train: bool = False) -> jax.Array:
+        del train
+        b, n, _ = tokens.shape
+        p = dense(2 * self.num_heads * self.wr_dim, use_bias=False, name="wr", dtype=self.dtype)(tokens)
+        p = p.astype(jnp.float32).reshape(b, n, 2, self.num_heads, self.wr_dim)
+        q, k = p[:, :, 0], p[:, :, 1]  # [B, N, h, d]
+        q = q - q.mean(axis=(1, 3), keepdims=True)
+        k = k - k.mean(axis=(1, 3), keepdims=True)
+        cov = jnp.einsum("bnhi,bnhj->bhij", q, k) / n
+        self.sow("intermediates", "cov", cov)
+        y = SVPN(self.svpn.alpha, self.svpn.iter_num, self.svpn.sv_num, name="svpn")(cov)
+        self.sow("intermediates", "svpn_out", y)
+        return y.reshape(b, -1)
+
+
+class CrossCovariancePooling(nn.Module):
+    """So-ViT's cross-covariance pooling, tokens ``[B, N, C]`` -> ``[B, d1*d2]``.
+
+    Two per-token reductions ``A = ReLU(BN(tokens W_q))`` (``d1`` wide) and
+    ``B = ReLU(BN(tokens W_k))`` (``d2`` wide), each centred per channel over the tokens, give
+    ``Sigma = A^T B / N`` (``[d1, d2]``). svPN runs on ``Sigma^T`` (start vector of length ``d1``)
+    and its result is transposed back before the row-major flatten, as in the original.
+    """
+
+    dims: tuple[int, int]
+    svpn: SVPNConfig = SVPNConfig()
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, train: bool = False) -> jax.Array:
+        b, n, _ = tokens.shape
+        views = []
+        for name, width in zip("qk", self.dims):
+            v = ReduceBNReLU(width, dtype=self.dtype, name=f"reduce_{name}")(tokens, train).astype(jnp.float32)
+            self.sow("intermediates", f"dr_{name}", v)
+            views.append(v - v.mean(axis=1, keepdims=True))
+        cov = jnp.einsum("bni,bnj->bij", *views) / n
+        self.sow("intermediates", "cov", cov)
+        y = SVPN(self.svpn.alpha, self.svpn.iter_num, self.svpn.sv_num, name="svpn")(cov.swapaxes(-1, -2))
+        y = y.swapaxes(-1, -2)
+        self.sow("intermediates", "svpn_out", y)
+        return y.reshape(b, -1)
+
+
+class ReduceBNReLU(nn.Module):
+    """Per-token ``ReLU(BN(x W))``: So-ViT's 1x1 conv + BN + ReLU on the ``[B, C, N, 1]`` token view."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        # kaiming-normal fan_out init of the original's conv_dr_block.
+        init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+        x = dense(self.features, use_bias=False, kernel_init=init, name="proj", dtype=self.dtype)(x)
+        return nn.relu(batch_norm(train, 1e-5, 0.1, name="bn", dtype=self.dtype)(x))
+
+
+class SecondOrderClassifier(nn.Module):
+    """Second-order classification head fused with the class token (SoT's ``sum_fc`` fusion).
+
+    On ``x = [B, 1 + N, C]`` (class token first)::
+
+        logits = cls_fc(x[:, 0]) + visual_fc(dropout(pooling(x[:, 1:])))
+
+    With ``use_cls_token=False`` the whole sequence is pooled and only ``visual_fc`` is used
+    (the original's ``OnlyVisualTokensClassifier``), which lets the head sit on backbones without
+    a class token. ``head.pooling`` picks :class:`MGCrP` or :class:`CrossCovariancePooling`.
+
+    Intermediates sown: ``features_visual``, ``logits_cls``, ``logits_visual``.
+    """
+
+    num_classes: int
+    head: HeadConfig
+    use_cls_token: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        tokens = x[:, 1:] if self.use_cls_token else x
+        h = self.head
+        if h.pooling == "mgcrp":
+            pooling = MGCrP(*h.dims, svpn=h.svpn, dtype=self.dtype, name="pooling")
+        elif h.pooling == "cross":
+            pooling = CrossCovariancePooling(h.dims, svpn=h.svpn, dtype=self.dtype, name="pooling")
+        else:
+            raise ValueError(f"unknown second-order pooling {h.pooling!r}; expected 'mgcrp' or 'cross'")
+        z = pooling(tokens, train)
+        self.sow("intermediates", "features_visual", z)
+        z = nn.Dropout(h.dropout)(z, deterministic=not train)
+        logits = dense(self.num_classes, name="visual_fc", dtype=jnp.float32)(z)
+        self.sow("intermediates", "logits_visual", logits)
+        if self.use_cls_token:
+            logits_cls = dense(self.num_classes, name="cls_fc", dtype=self.dtype)(x[:, 0])
+            self.sow("intermediates", "logits_cls", logits_cls)
+            logits = logits + logits_cls.astype(logits.dtype)
+        return logits
+
+
+# ---------------------------------------------------------------------------------------------
+# Token embeddings
+# ---------------------------------------------------------------------------------------------
+
+
+def _stem(x: jax.Array, dtype: Dtype) -> jax.Array:
+    """Conv3x3(3->64, bias) then MaxPool(3, s2, p1); no norm or activation between them."""
+    x = conv2d(64, 3, in_features=x.shape[-1], padding=1, name="stem", dtype=dtype)(x)
+    return max_pool_2d(x, 3, 2, 1)
+
+
+class DenseLayer(nn.Module):
+    """DenseNet layer without BatchNorm: ``conv3x3(ReLU(conv1x1(ReLU(concat(features)))))``.
+
+    timm's ``DenseBlock`` defaults its ``norm_layer`` to ``ReLU`` and SoT passes none, so the
+    original's dense layers hold no BatchNorm at all.
+    """
+
+    growth: int = 16
+    bottleneck: int = 32
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, features: list[jax.Array]) -> jax.Array:
+        h = nn.relu(jnp.concatenate(features, axis=-1))
+        h = conv2d(self.bottleneck, 1, in_features=h.shape[-1], use_bias=False, name="conv1", dtype=self.dtype)(h)
+        h = nn.relu(h)
+        return conv2d(self.growth, 3, in_features=h.shape[-1], padding=1, use_bias=False, name="conv2",
+                      dtype=self.dtype)(h)
+
+
+class DenseBlock(nn.Module):
+    """``num_layers`` dense layers, each fed the concatenation of the block input and all earlier
+    outputs (Huang et al., 2017, Eq. 2); returns that concatenation, input first."""
+
+    num_layers: int = 6
+    growth: int = 16
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = [x]
+        for layer in range(1, self.num_layers + 1):
+            features.append(DenseLayer(self.growth, 2 * self.growth, dtype=self.dtype, name=f"denselayer{layer}")(features))
+        return jnp.concatenate(features, axis=-1)
+
+
+class DenseTransition(nn.Module):
+    """SoT's transition: BN -> Conv1x1 (no bias) -> optional AvgPool 2x2; no ReLU.
+
+    The conv runs before the pool as in the original (equal in exact arithmetic, not bitwise).
+    """
+
+    features: int = 128
+    pool: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = batch_norm(train, 1e-5, 0.1, name="norm", dtype=self.dtype)(x)
+        x = conv2d(self.features, 1, in_features=x.shape[-1], use_bias=False, name="conv", dtype=self.dtype)(x)
+        return avg_pool_2d(x, 2, 2) if self.pool else x
+
+
+class DenseNetTokens(nn.Module):
+    """SoT's DenseNet-style token embedding, ``[B, 224, 224, 3]`` -> ``[B, 14, 14, dim]``.
+
+    stem (224->112) -> 3 x (DenseBlock of 6 layers, growth 16; transition to 128 ch + pool)
+    -> Conv1x1(128 -> dim, bias). At ``img_size=112`` the last transition does not pool, so the
+    grid is 14x14 in both supported sizes (the original's rule).
+    """
+
+    dim: int
+    img_size: int = 224
+    num_layers: int = 6
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = _stem(x, self.dtype)
+        for stage in range(3):
+            x = DenseBlock(self.num_layers, dtype=self.dtype, name=f"stage_{2 * stage}")(x)
+            pool = not (stage == 2 and self.img_size == 112)
+            x = DenseTransition(128, pool, dtype=self.dtype, name=f"stage_{2 * stage + 1}")(x, train)
+        return conv2d(self.dim, 1, in_features=x.shape[-1], name="transition", dtype=self.dtype)(x)
+
+
+class Bottleneck(nn.Module):
+    """ResNet v1.5 bottleneck (stride on the 3x3 conv), So-ViT flavour.
+
+    ``bn1..bn3`` use eps 1e-3 / PyTorch momentum 0.01, the downsample BN eps 1e-5 / momentum 0.1,
+    exactly as the original.
+    """
+
+    planes: int = 64
+    stride: int = 2
+    expansion: int = 4
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        out_ch = self.planes * self.expansion
+        d = self.dtype
+        h = conv2d(self.planes, 1, in_features=x.shape[-1], use_bias=False, name="conv1", dtype=d)(x)
+        h = nn.relu(batch_norm(train, 1e-3, 0.01, name="bn1", dtype=d)(h))
+        h = conv2d(self.planes, 3, in_features=h.shape[-1], stride=self.stride, padding=1, use_bias=False,
+                   name="conv2", dtype=d)(h)
+        h = nn.relu(batch_norm(train, 1e-3, 0.01, name="bn2", dtype=d)(h))
+        h = conv2d(out_ch, 1, in_features=h.shape[-1], use_bias=False, name="conv3", dtype=d)(h)
+        h = batch_norm(train, 1e-3, 0.01, name="bn3", dtype=d)(h)
+        if self.stride != 1 or x.shape[-1] != out_ch:
+            x = conv2d(out_ch, 1, in_features=x.shape[-1], stride=self.stride, use_bias=False,
+                       name="downsample_conv", dtype=d)(x)
+            x = batch_norm(train, 1e-5, 0.1, name="downsample_bn", dtype=d)(x)
+        return nn.relu(h + x)
+
+
+class ResNetTokens(nn.Module):
+    """So-ViT's ResNet-bottleneck token embedding, ``[B, S, S, 3]`` -> ``[B, S/16, S/16, dim]`` at S=224.
+
+    stem (S -> S/2) -> Bottleneck(s2) -> Bottleneck(s2) -> Bottleneck(s = S // 112)
+    -> Conv1x1(256 -> dim, bias).
+    """
+
+    dim: int
+    img_size: int = 224
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = _stem(x, self.dtype)
+        for i, stride in enumerate((2, 2, self.img_size // 112)):
+            x = Bottleneck(64, stride, dtype=self.dtype, name=f"stage_{i}")(x, train)
+        return conv2d(self.dim, 1, in_features=x.shape[-1], name="transition", dtype=self.dtype)(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+
+class SoT(nn.Module):
+    """SoT / So-ViT: conv token embedding, class token + frozen sinusoid position table, pre-LN ViT
+    blocks, final LayerNorm (eps 1e-5) and the second-order head fused with the class token.
+
+    ``pos_embed`` lives in the ``frozen`` collection (the original's ``requires_grad=False``
+    parameter): it is loaded from checkpoints, never trained, and regenerated as the sinusoid
+    table on fresh init.
+
+    Intermediates sown: ``tokens_embed`` ``[B, N, C]``, ``block0_out``, ``final_norm_out`` and those
+    of the head.
+    """
+
+    num_classes: int
+    embed: Literal["densenet", "resnet"]
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float
+    head: HeadConfig
+    img_size: int = 224
+    qk_scale: float | None = None
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        if self.embed == "densenet":
+            if self.img_size not in (112, 224):
+                raise ValueError(f"SoT's DenseNet token embedding supports img_size 224 or 112, not {self.img_size}")
+            self.visual_tokens = DenseNetTokens(self.embed_dim, self.img_size, dtype=self.dtype)
+            grid = 14
+        elif self.embed == "resnet":
+            if self.img_size // 112 not in (1, 2) or self.img_size % (8 * (self.img_size // 112)):
+                raise ValueError(
+                    f"So-ViT's ResNet token embedding needs 112 <= img_size < 336 divisible by "
+                    f"{8 * max(1, self.img_size // 112)}; got {self.img_size}"
+                )
+            self.visual_tokens = ResNetTokens(self.embed_dim, self.img_size, dtype=self.dtype)
+            grid = self.img_size // (8 * (self.img_size // 112))
+        else:
+            raise ValueError(f"unknown token embedding {self.embed!r}; expected 'densenet' or 'resnet'")
+        self.num_tokens = grid * grid
+        self.cls_token = self.param("cls_token", trunc_normal_02, (1, 1, self.embed_dim))
+        self.pos_embed = self.variable(
+            "frozen", "pos_embed", lambda: jnp.asarray(sinusoid_table(self.num_tokens + 1, self.embed_dim))
+        )
+        self.pos_drop = nn.Dropout(self.drop_rate)
+        rates = drop_path_rates(self.drop_path_rate, self.depth)
+        self.blocks = [
+            Block(self.num_heads, self.mlp_ratio, qkv_bias=False, qk_scale=self.qk_scale, drop=self.drop_rate,
+                  drop_path=rates[i], norm_eps=1e-5, dtype=self.dtype, name=f"blocks_{i}")
+            for i in range(self.depth)
+        ]
+        self.norm = layer_norm(1e-5, dtype=self.dtype)
+        self.classifier = SecondOrderClassifier(self.num_classes, self.head, dtype=self.dtype)
+
+    def forward_features(self, images: jax.Array, train: bool = False) -> jax.Array:
+        """Images ``[B, H, W, 3]`` -> final-LayerNorm tokens ``[B, 1 + N, C]`` (class token first)."""
+        check_image(images, self.img_size, type(self).__name__)
+        x = tokens_from_map(self.visual_tokens(images.astype(self.dtype), train))
+        if x.shape[1] != self.num_tokens:
+            raise ValueError(f"token embedding gave {x.shape[1]} tokens, pos_embed has {self.num_tokens}")
+        self.sow("intermediates", "tokens_embed", x)
+        cls = jnp.broadcast_to(self.cls_token.astype(x.dtype), (x.shape[0], 1, x.shape[2]))
+        x = jnp.concatenate([cls, x], axis=1) + self.pos_embed.value.astype(x.dtype)
+        x = self.pos_drop(x, deterministic=not train)
+        for i, block in enumerate(self.blocks):
+            x = block(x, train)
+            if i == 0:
+                self.sow("intermediates", "block0_out", x)
+        x = self.norm(x)
+        self.sow("intermediates", "final_norm_out", x)
+        return x
+
+    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+        """Images ``[B, H, W, 3]`` (normalised, NHWC) -> logits ``[B, num_classes]`` in float32."""
+        return self.classifier(self.forward_features(images, train), train)
+
+
+# ---------------------------------------------------------------------------------------------
+# Official variants
+# ---------------------------------------------------------------------------------------------
+
+_EMA_CFG = PretrainedCfg(weights_keys=("state_dict_ema", "state_dict"))
+
+# name: (token embedding, embed_dim, depth, heads, mlp_ratio, head, released files)
+_VARIANTS: dict[str, tuple[Any, ...]] = {
+    "sot_tiny": ("densenet", 240, 12, 4, 2.5, HeadConfig("mgcrp", (6, 14)), ()),
+    "sot_small": ("densenet", 384, 14, 6, 3.5, HeadConfig("mgcrp", (6, 24), dropout=0.5), ()),
+    "sot_base": ("densenet", 528, 24, 8, 3.0, HeadConfig("mgcrp", (6, 38), dropout=0.7), ()),
+    "sovit_7": ("resnet", 256, 7, 4, 2.0, HeadConfig("cross", (48, 24)), ("So-ViT-7.pth.tar",)),
+    "sovit_10": ("resnet", 256, 10, 4, 2.0, HeadConfig("cross", (48, 24)), ("So-ViT-10.pth.tar",)),
+    "sovit_14": ("resnet", 384, 14, 6, 3.0, HeadConfig("cross", (64, 48), dropout=0.5), ("So-ViT-14.pth.tar",)),
+    "sovit_19": ("resnet", 448, 19, 7, 3.0, HeadConfig("cross", (96, 48), dropout=0.5), ("So-ViT-19.pth.tar",)),
+}
+
+
+def _register(name: str, spec: tuple[Any, ...]) -> None:
+    embed, dim, depth, heads, mlp, head, files = spec
+
+    @register_model(name, "sot", dataclasses.replace(_EMA_CFG, files=files))
+    def factory(num_classes: int, img_size: int, **kwargs) -> SoT:
+        kw: dict[str, Any] = dict(embed=embed, embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=mlp, head=head)
+        kw.update(kwargs)
+        return SoT(num_classes=num_classes, img_size=img_size, **kw)
+
+    factory.__name__ = name
+    factory.__doc__ = f"{name}: {embed} token embedding, C={dim}, depth {depth}, {heads} heads, {head}."
+
+
+for _name, _spec in _VARIANTS.items():
+    _register(_name, _spec)

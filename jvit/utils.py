@@ -1,0 +1,42 @@
+"""Helpers around a model's variables: abstract/real initialisation and parameter counts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def dummy_input(model: nn.Module, batch: int = 1) -> jax.ShapeDtypeStruct:
+    """The input signature ``[batch, img_size, img_size, 3]`` float32 of a registered model."""
+    size = model.img_size
+    h, w = (size, size) if isinstance(size, int) else size
+    return jax.ShapeDtypeStruct((batch, h, w, 3), jnp.float32)
+
+
+def init_variables(model: nn.Module, rng: jax.Array | int = 0, batch: int = 1) -> dict[str, Any]:
+    """Freshly initialised variables of ``model`` (all collections: params, batch_stats, frozen, ...)."""
+    if isinstance(rng, int):
+        rng = jax.random.key(rng)
+    x = jnp.zeros(dummy_input(model, batch).shape, jnp.float32)
+    variables = jax.jit(lambda r, x: model.init(r, x, train=False))(rng, x)
+    return _drop_intermediates(variables)
+
+
+def abstract_variables(model: nn.Module) -> dict[str, Any]:
+    """Shapes and dtypes of every variable of ``model`` without computing anything."""
+    x = dummy_input(model)
+    variables = jax.eval_shape(lambda r: model.init(r, jnp.zeros(x.shape, x.dtype), train=False), jax.random.key(0))
+    return _drop_intermediates(variables)
+
+
+def _drop_intermediates(variables: Any) -> dict[str, Any]:
+    return {k: v for k, v in dict(variables).items() if k != "intermediates"}
+
+
+def count_params(tree: Any) -> int:
+    """Number of scalars in a pytree of arrays or ``ShapeDtypeStruct``s."""
+    return int(sum(np.prod(x.shape, dtype=np.int64) for x in jax.tree.leaves(tree)))
