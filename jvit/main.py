@@ -37,11 +37,12 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     pylogging.getLogger("absl").addFilter(_QuietLibraries())
     from jvit.train import loop
+    from jvit.train.config import ConfigError
 
     run = loop.train_and_evaluate if _MODE.value == "train" else loop.evaluate_checkpoint
     try:
         run(_CONFIG.value, _WORKDIR.value)
-    except (ValueError, FileNotFoundError, loop.NonFiniteLossError) as e:
+    except (ConfigError, loop.NonFiniteLossError) as e:
         logging.error("%s", e)
         sys.exit(1)
 

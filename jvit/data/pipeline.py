@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from jvit.data.preprocess import Preprocessor
+from jvit.train.config import ConfigError
 
 
 def train_iterator(
@@ -42,9 +43,9 @@ def train_iterator(
     """
     hosts, host = jax.process_count(), jax.process_index()
     if batch_size % hosts:
-        raise ValueError(f"global batch {batch_size} is not divisible by the {hosts} hosts")
+        raise ConfigError(f"global batch {batch_size} is not divisible by the {hosts} hosts")
     if len(data) < batch_size:
-        raise ValueError(f"the training split has {len(data)} examples, fewer than one batch of {batch_size}")
+        raise ConfigError(f"the training split has {len(data)} examples, fewer than one batch of {batch_size}")
     ds = grain.MapDataset.source(data).seed(seed).shuffle().repeat()
     ds = ds[host::hosts].random_map(lambda ex, rng: preprocess(ex, img_size, rng))
     ds = ds.batch(batch_size // hosts, drop_remainder=True)
@@ -70,7 +71,7 @@ def eval_batches(
     ``batch_size / process_count`` rows; padding rows have ``mask = 0``."""
     hosts, host = jax.process_count(), jax.process_index()
     if batch_size % hosts:
-        raise ValueError(f"eval batch {batch_size} is not divisible by the {hosts} hosts")
+        raise ConfigError(f"eval batch {batch_size} is not divisible by the {hosts} hosts")
     local = batch_size // hosts
     ds = grain.MapDataset.source(data)[host::hosts].map(functools.partial(_eval_example, preprocess, img_size))
     ds = ds.batch(local, drop_remainder=False)

@@ -12,6 +12,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from jvit.train.config import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class Split:
@@ -66,17 +68,17 @@ def open_split(input_config: Any, split: str, *, train: bool, img_size: int, see
     else:
         builder = tfds.builder(name, data_dir=input_config.data_dir)
         if not builder.is_prepared():
-            raise FileNotFoundError(
+            raise ConfigError(
                 f"tfds dataset {name!r} is not prepared in {builder.data_dir_root}; prepare it there with "
                 f"file_format='array_record' (e.g. `tfds build {name} --file_format=array_record`) or set "
                 "config.input.data_dir"
             )
     if split not in builder.info.splits:
-        raise ValueError(f"dataset {name!r} has no split {split!r}; it has: {', '.join(builder.info.splits)}")
+        raise ConfigError(f"dataset {name!r} has no split {split!r}; it has: {', '.join(builder.info.splits)}")
     try:
         data = builder.as_data_source(split)
     except Exception as e:  # tfds raises several types for missing ArrayRecord files
-        raise ValueError(
+        raise ConfigError(
             f"cannot read {name!r} split {split!r} by index ({e}); jvit reads tfds datasets through "
             "tfds.data_source, which needs the dataset prepared with file_format='array_record'"
         ) from e

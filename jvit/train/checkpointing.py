@@ -17,18 +17,24 @@ import orbax.checkpoint as ocp
 
 
 class _IteratorSnapshot:
-    """The iterator's state captured at save time, in the form grain's orbax handler writes.
+    """An iterator's state as JSON bytes, the form grain's orbax handler reads and writes for a
+    non-``DatasetIterator`` item (one file per host).
 
-    The async save may run after the loop has already pulled further batches, so the handler must
-    not read the live iterator. (grain's handler takes a non-``DatasetIterator`` item's
-    ``get_state()`` as JSON bytes, like a ``DataLoaderIterator``'s.)
+    Saving captures the state at save time: the async save may run after the loop has pulled
+    further batches. Restoring hands the saved dict to the wrapped iterator's ``set_state``.
     """
 
-    def __init__(self, state: dict[str, Any]):
-        self._state = json.dumps(state, indent=2).encode()
+    def __init__(self, iterator: Any, state: dict[str, Any] | None = None):
+        self._iterator, self._state = iterator, state
 
     def get_state(self) -> bytes:
-        return self._state
+        return json.dumps(self._state, indent=2).encode()
+
+    def set_state(self, state: bytes) -> None:
+        self._iterator.set_state(json.loads(state))
+
+    def start_prefetch(self) -> None:
+        """Called by grain's handler after a restore; prefetching restarts on the next ``next``."""
 
 
 class Checkpointer:
@@ -46,7 +52,7 @@ class Checkpointer:
         """Start saving ``state`` and ``iterator``'s position as checkpoint ``step`` (async)."""
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            data=grain.checkpoint.CheckpointSave(_IteratorSnapshot(iterator.get_state())),
+            data=grain.checkpoint.CheckpointSave(_IteratorSnapshot(iterator, iterator.get_state())),
         )
         self.manager.save(step, args=args, force=True)
 
@@ -55,7 +61,7 @@ class Checkpointer:
         ``iterator`` (if given) is moved to the saved position."""
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(iterator)
+            items["data"] = grain.checkpoint.CheckpointRestore(_IteratorSnapshot(iterator))
         return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
     def wait(self) -> None:

@@ -39,6 +39,10 @@ AUGMENT_DEFAULTS: dict[str, Any] = {
 }
 
 
+class ConfigError(ValueError):
+    """A config (or what it points at) that cannot run; the message names the field."""
+
+
 def default_config() -> ml_collections.ConfigDict:
     """Every field the trainer reads, with neutral defaults (no recipe, no dataset-specific values)."""
     c = ml_collections.ConfigDict()
@@ -129,11 +133,11 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Raise ``ValueError`` naming every unknown field and bad value of ``config``."""
+    """Raise :class:`ConfigError` naming every unknown field and bad value of ``config``."""
     errors = [f"unknown config field {name!r}" for name in _unknown_fields(config, default_config())]
     errors += _value_errors(config)
     if errors:
-        raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 
 
 def unapplied_recipe_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:

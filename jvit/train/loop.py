@@ -60,7 +60,8 @@ def setup(config: ml_collections.ConfigDict, *, train: bool = True) -> Experimen
                                      seed=config.seed)
     num_classes = config.model.num_classes or train_split.num_classes
     if num_classes < train_split.num_classes:
-        raise ValueError(f"model.num_classes={num_classes} < the dataset's {train_split.num_classes} classes")
+        raise config_lib.ConfigError(
+            f"model.num_classes={num_classes} < the dataset's {train_split.num_classes} classes")
     eval_splits = {s: sources.open_split(config.input, s, train=False, img_size=img_size, seed=config.seed)
                    for s in config.input.eval_splits}
     devices = jax.device_count()
@@ -68,7 +69,7 @@ def setup(config: ml_collections.ConfigDict, *, train: bool = True) -> Experimen
     eval_batch = config.eval_batch_size or step_batch
     for name, b in (("batch_size / grad_accum_steps", step_batch), ("eval_batch_size", eval_batch)):
         if b % devices:
-            raise ValueError(f"{name} = {b} is not divisible by the {devices} devices")
+            raise config_lib.ConfigError(f"{name} = {b} is not divisible by the {devices} devices")
     steps_per_epoch = len(train_split.data) / step_batch
     total = config.num_train_steps or math.ceil((config.num_epochs + config.cooldown_epochs) * steps_per_epoch)
     if total % config.grad_accum_steps:
@@ -123,18 +124,17 @@ def _abstract_state(exp: Experiment, tx) -> tuple[Any, Any, Any]:
 
 def initial_state(exp: Experiment, tx) -> tuple[state_lib.TrainState, Any]:
     """Step-0 state (fresh init, or ``init_from`` weights), created directly in its shardings."""
-    abstract, shardings, init = _abstract_state(exp, tx)
-    var_abstract = jax.eval_shape(init, jax.random.key(0))
-    var_shardings = sharding.state_shardings(var_abstract, exp.mesh, exp.config.mesh.fsdp_min_size)
-    variables = jax.jit(init, out_shardings=var_shardings)(jax.random.key(exp.config.seed))
-    if exp.config.init_from:
-        loaded = state_lib.load_pretrained(exp.config, exp.num_classes)
-        merged, reinit = state_lib.merge_pretrained(jax.device_get(variables), loaded, exp.num_classes)
-        variables = jax.device_put(merged, var_shardings)
-        log.info("initialised from %s%s", exp.config.init_from,
-                 f"; re-initialised for {exp.num_classes} classes: {', '.join(reinit)}" if reinit else "")
-    state = jax.jit(lambda v: state_lib.new_state(v, tx, exp.config), out_shardings=shardings)(variables)
-    return state, shardings
+    _, shardings, init = _abstract_state(exp, tx)
+    rng = jax.random.key(exp.config.seed)
+    make_state = lambda v: state_lib.new_state(v, tx, exp.config)  # noqa: E731
+    if not exp.config.init_from:
+        return jax.jit(lambda r: make_state(init(r)), out_shardings=shardings)(rng), shardings
+    fresh = jax.device_get(jax.jit(init)(rng))
+    loaded = state_lib.load_pretrained(exp.config, exp.num_classes)
+    merged, reinit = state_lib.merge_pretrained(fresh, loaded, exp.num_classes)
+    log.info("initialised from %s%s", exp.config.init_from,
+             f"; re-initialised for {exp.num_classes} classes: {', '.join(reinit)}" if reinit else "")
+    return jax.jit(make_state, out_shardings=shardings)(merged), shardings
 
 
 def _compiled_steps(exp: Experiment, tx, state_shardings):
@@ -286,7 +286,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
         elif config.init_from:
             state, shardings = initial_state(exp, tx)
         else:
-            raise FileNotFoundError(f"nothing to evaluate: no checkpoint in {ckpt.directory} and no config.init_from")
+            raise config_lib.ConfigError(f"nothing to evaluate: no checkpoint in {ckpt.directory} and no config.init_from")
     finally:
         ckpt.close()
     _, eval_fn = _compiled_steps(exp, tx, shardings)

@@ -16,6 +16,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jvit.train.config import ConfigError
+
 BATCH_AXES = ("data", "fsdp")
 
 
@@ -24,10 +26,10 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: list[jax.Device] | None = 
     devices = jax.devices() if devices is None else devices
     n = len(devices)
     if n % fsdp:
-        raise ValueError(f"mesh.fsdp={fsdp} does not divide the {n} devices")
+        raise ConfigError(f"mesh.fsdp={fsdp} does not divide the {n} devices")
     data = n // fsdp if data == -1 else data
     if data * fsdp != n:
-        raise ValueError(f"mesh data={data} x fsdp={fsdp} = {data * fsdp}, but there are {n} devices")
+        raise ConfigError(f"mesh data={data} x fsdp={fsdp} = {data * fsdp}, but there are {n} devices")
     return jax.make_mesh((data, fsdp), ("data", "fsdp"), axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
 
 

@@ -17,6 +17,8 @@ from flax import traverse_util
 
 import jvit
 import jvit.checkpoint
+import jvit.convert
+from jvit.train.config import ConfigError
 
 log = logging.getLogger("jvit.train")
 
@@ -91,9 +93,7 @@ def load_pretrained(config: ml_collections.ConfigDict, num_classes: int) -> dict
             log.warning("init_from %s holds %r weights, training %r", path, meta.get("model"), config.model.name)
         return variables
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"config.init_from={config.init_from!r}: no such file or directory")
-    import jvit.convert
-
+        raise ConfigError(f"config.init_from={config.init_from!r}: no such file or directory")
     return jvit.convert.load_torch_checkpoint(
         path, config.model.name, img_size=config.model.img_size, weights_key=config.init_weights_key or None,
         **model_kwargs(config),
@@ -126,5 +126,5 @@ def merge_pretrained(fresh: dict[str, Any], loaded: dict[str, Any], num_classes:
         else:
             errors.append(f"{name}: checkpoint shape {tuple(old.shape)}, model shape {tuple(value.shape)}")
     if errors:
-        raise ValueError("init_from does not fit the model:\n  " + "\n  ".join(errors))
+        raise ConfigError("init_from does not fit the model:\n  " + "\n  ".join(errors))
     return traverse_util.unflatten_dict(merged, sep="/"), reinit

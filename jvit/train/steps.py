@@ -64,7 +64,7 @@ def train_step(
         ema = {k: jax.tree.map(lambda e, x: decay * e + (1.0 - decay) * x, v, current[k]) for k, v in ema.items()}
 
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, collections=collections, ema=ema)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params)}
     return new_state, metrics
 
 
