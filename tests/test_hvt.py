@@ -187,6 +187,13 @@ def test_bad_config_and_input_are_named():
         jax.eval_shape(model.apply, variables, jnp.zeros((1, 3, 32, 32)))
 
 
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+    model = jvit.create_model("hvt_s_2", num_classes=10, dtype=jnp.bfloat16)
+    variables = abstract_variables(model)
+    assert {a.dtype for a in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+    assert jax.eval_shape(model.apply, variables, jnp.ones((2, 224, 224, 3))).dtype == jnp.float32
+
+
 def test_no_head_returns_features():
     model = jvit.create_model("hvt_ti_1", num_classes=0, img_size=32, patch_size=4, head_dim=16)
     variables = abstract_variables(model)

@@ -7,8 +7,12 @@ Pooling", ICCV 2021 (arXiv 2103.10619).
 
     image -> patch embedding (P x P conv, stride P) -> tokens [B, L0, C] + pos_embed   (no class token)
           -> num_blocks x pre-LN ViT block; a pooling block ends with
-                 x = MaxPool1d(x) + its own stage pos_embed                      (Sec. 3.2, Eq. 5-6)
-          -> LayerNorm -> mean over tokens -> head                               (Sec. 3.3)
+                 x = MaxPool1d(x) + its own stage pos_embed
+          -> LayerNorm -> mean over tokens -> head
+
+(the paper's Fig. 2: the blocks are partitioned into stages, a pooling layer follows the first block
+of each stage, and the prediction uses the average of the last stage's tokens; the original code
+has no class token at all).
 
 Pooling is 1-D over the flattened (raster order) token sequence, channel-wise max over windows
 of ``pool_kernel_size`` consecutive tokens, no padding, floor mode; windows cross image-row
@@ -92,10 +96,11 @@ class HVTBlock(Block):
     """A pre-LN ViT block (qkv bias, exact GELU) that, if ``downsample``, ends with HVT's pooling::
 
         x = Block(x)
-        x = MaxPool1d(x, pool_kernel_size, pool_stride) + pos_embed      (Pan et al., Eq. 5-6)
+        x = MaxPool1d(x, pool_kernel_size, pool_stride) + pos_embed
 
-    The pooling follows the MLP residual with no norm or projection around it; ``pos_embed``
-    ``[1, L_out, C]`` is this block's own learned embedding of the pooled sequence.
+    This is the pooling layer of Pan et al. (Fig. 2) as the original code places it: after the MLP
+    residual, with no norm or projection around it; ``pos_embed`` ``[1, L_out, C]`` is this block's
+    own learned embedding of the pooled sequence.
 
     Intermediates sown (pooling blocks only): ``<name>_prepool``, the block output before pooling.
     """
@@ -180,7 +185,7 @@ class HVT(nn.Module):
         ]
         self.norm = layer_norm(NORM_EPS, dtype=self.dtype)
         if self.num_classes:
-            self.head = dense(self.num_classes, dtype=self.dtype)
+            self.head = dense(self.num_classes, dtype=jnp.float32)
 
     def forward_features(self, images: jax.Array, train: bool = False) -> jax.Array:
         """Images ``[B, S, S, 3]`` -> final-LayerNorm tokens ``[B, L_last, C]``."""
@@ -200,9 +205,10 @@ class HVT(nn.Module):
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
         """Images ``[B, S, S, 3]`` (normalised, NHWC) -> logits ``[B, num_classes]`` (features if 0 classes).
 
-        The features are the mean of all remaining tokens after the final LayerNorm (Sec. 3.3).
+        The features are the mean of all remaining tokens after the final LayerNorm (Pan et al., Fig. 2);
+        features and logits are computed in float32 whatever the compute dtype.
         """
-        x = self.forward_features(images, train).mean(axis=1)
+        x = self.forward_features(images, train).astype(jnp.float32).mean(axis=1)
         self.sow("intermediates", "features", x)
         return self.head(x) if self.num_classes else x
 
