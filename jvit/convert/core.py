@@ -65,9 +65,11 @@ class ConversionRules:
 
 @dataclasses.dataclass
 class ConversionReport:
-    """What a conversion did: counts per collection, the skipped keys and why, the source entry."""
+    """What a conversion did: the model built, counts per collection, the skipped keys and why."""
 
     model: str
+    num_classes: int | None
+    img_size: Any
     weights_key: str | None
     converted: int
     per_collection: dict[str, int]
@@ -198,6 +200,8 @@ def convert_state_dict(
     variables = traverse_util.unflatten_dict(out)
     report = ConversionReport(
         model=label,
+        num_classes=getattr(model, "num_classes", None),
+        img_size=getattr(model, "img_size", None),
         weights_key=weights_key,
         converted=len(out),
         per_collection={c: count_params(v) for c, v in variables.items()},

@@ -1,0 +1,245 @@
+"""HVT: a vision transformer that shrinks its token sequence by max pooling between stages.
+
+Z. Pan, B. Zhuang, J. Liu, H. He, J. Cai. "Scalable Vision Transformers with Hierarchical
+Pooling", ICCV 2021 (arXiv 2103.10619).
+
+::
+
+    image -> patch embedding (P x P conv, stride P) -> tokens [B, L0, C] + pos_embed   (no class token)
+          -> num_blocks x pre-LN ViT block; a pooling block ends with
+                 x = MaxPool1d(x) + its own stage pos_embed
+          -> LayerNorm -> mean over tokens -> head
+
+(the paper's Fig. 2: the blocks are partitioned into stages, a pooling layer follows the first block
+of each stage, and the prediction uses the average of the last stage's tokens; the original code
+has no class token at all).
+
+Pooling is 1-D over the flattened (raster order) token sequence, channel-wise max over windows
+of ``pool_kernel_size`` consecutive tokens, no padding, floor mode; windows cross image-row
+boundaries. Block ``i`` pools iff ``pool_block_width > 0 and i % pool_block_width == 0``, so
+block 0 always pools and a stage is ``pool_block_width`` blocks. With 224 / 16 and kernel 3 the
+token counts are 196 -> 97 -> 48 -> 23 -> 11.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jvit.models.layers import (
+    Block,
+    Dtype,
+    check_image,
+    conv2d,
+    dense,
+    drop_path_rates,
+    layer_norm,
+    tokens_from_map,
+    trunc_normal_02,
+)
+from jvit.registry import PretrainedCfg, register_model
+
+NORM_EPS = 1e-6  # every LayerNorm of the original (norm1, norm2, final norm)
+
+
+def pooled_length(length: int, kernel: int, stride: int) -> int:
+    """Tokens left by a VALID, floor-mode 1-D max pool: ``floor((L - k) / s) + 1``."""
+    return (length - kernel) // stride + 1
+
+
+def max_pool_tokens(x: jax.Array, kernel: int, stride: int) -> jax.Array:
+    """``torch.nn.MaxPool1d(kernel, stride)`` over the token axis of ``[B, L, C]`` (no padding, floor mode)."""
+    return nn.max_pool(x, (kernel,), strides=(stride,), padding="VALID")
+
+
+def token_counts(
+    img_size: int, patch_size: int, num_blocks: int, pool_kernel_size: int, pool_stride: int, pool_block_width: int
+) -> list[int]:
+    """Token count entering block 0 followed by the count after each pooling block.
+
+    Raises ``ValueError`` naming the block whose pooling window would not fit the sequence.
+    """
+    counts = [(img_size // patch_size) ** 2]
+    for i in range(num_blocks):
+        if pool_block_width and i % pool_block_width == 0:
+            if counts[-1] < pool_kernel_size:
+                raise ValueError(
+                    f"HVT: block {i} pools {counts[-1]} tokens with kernel {pool_kernel_size}; the sequence is "
+                    f"shorter than the window (token counts so far {counts}). Use a larger img_size, a smaller "
+                    "patch_size / pool_kernel_size, or a larger pool_block_width."
+                )
+            counts.append(pooled_length(counts[-1], pool_kernel_size, pool_stride))
+    return counts
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping ``P x P`` patches, linearly embedded (a stride-``P`` conv), flattened row-major.
+
+    Images ``[B, S, S, 3]`` -> tokens ``[B, (S // P)^2, C]`` (Dosovitskiy et al., 2021, Eq. 1).
+    """
+
+    embed_dim: int
+    patch_size: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        p = self.patch_size
+        x = conv2d(self.embed_dim, p, in_features=x.shape[-1], stride=p, name="proj", dtype=self.dtype)(x)
+        return tokens_from_map(x)
+
+
+class HVTBlock(Block):
+    """A pre-LN ViT block (qkv bias, exact GELU) that, if ``downsample``, ends with HVT's pooling::
+
+        x = Block(x)
+        x = MaxPool1d(x, pool_kernel_size, pool_stride) + pos_embed
+
+    This is the pooling layer of Pan et al. (Fig. 2) as the original code places it: after the MLP
+    residual, with no norm or projection around it; ``pos_embed`` ``[1, L_out, C]`` is this block's
+    own learned embedding of the pooled sequence.
+
+    Intermediates sown (pooling blocks only): ``<name>_prepool``, the block output before pooling.
+    """
+
+    downsample: bool = False
+    pool_kernel_size: int = 3
+    pool_stride: int = 2
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = super().__call__(x, train)
+        if not self.downsample:
+            return x
+        self.sow("intermediates", f"{self.name}_prepool", x)
+        x = max_pool_tokens(x, self.pool_kernel_size, self.pool_stride)
+        pos_embed = self.param("pos_embed", trunc_normal_02, (1,) + x.shape[1:], jnp.float32)
+        return x + pos_embed.astype(x.dtype)
+
+
+class HVT(nn.Module):
+    """Hierarchical Visual Transformer (Pan et al., ICCV 2021), eval and train.
+
+    Attributes mirror the original's config keys (its ``input_size`` is ``img_size`` here):
+
+    * ``patch_size``, ``num_heads``, ``head_dim`` (width ``C = num_heads * head_dim``), ``num_blocks``;
+    * ``pool_kernel_size``: window of every 1-D max pool;
+    * ``pool_stride``: stride of every pool. The original ignores its config value and always uses 2;
+      the default 2 reproduces it, other values are an extension (token bookkeeping follows
+      ``floor((L - k) / s) + 1``);
+    * ``pool_block_width``: blocks per stage; block ``i`` pools iff ``i % pool_block_width == 0``.
+      ``0`` means no pooling at all (HVT-S-0, which the original factory cannot express);
+    * ``num_classes``: ``0`` returns the pooled features (the original's ``Identity`` head).
+
+    ``drop_rate`` is dropout after the pos-embed, attention projection and MLP layers;
+    ``drop_path_rate`` the stochastic depth of the last block (linear from 0; the recipe uses 0.1).
+    The model only accepts ``img_size x img_size`` inputs: every pos-embed has a fixed length and
+    the original never resizes them.
+
+    Intermediates sown: ``patch_embed_out``, ``tokens_in`` (after the global pos-embed),
+    ``blocks_<i>_prepool`` (pooling blocks), ``blocks_<i>_out``, ``final_norm_out``, ``features``.
+    """
+
+    num_classes: int = 1000
+    img_size: int = 224
+    patch_size: int = 16
+    num_heads: int = 6
+    head_dim: int = 64
+    num_blocks: int = 12
+    mlp_ratio: float = 4.0
+    pool_kernel_size: int = 3
+    pool_stride: int = 2
+    pool_block_width: int = 12
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        for field in ("patch_size", "num_heads", "head_dim", "num_blocks", "pool_kernel_size", "pool_stride"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"HVT: {field} must be >= 1, got {getattr(self, field)}")
+        if self.pool_block_width < 0:
+            raise ValueError(f"HVT: pool_block_width must be >= 0 (0 = no pooling), got {self.pool_block_width}")
+        if self.img_size < self.patch_size:
+            raise ValueError(f"HVT: img_size {self.img_size} is smaller than patch_size {self.patch_size}")
+        self.token_counts = token_counts(
+            self.img_size, self.patch_size, self.num_blocks, self.pool_kernel_size, self.pool_stride,
+            self.pool_block_width,
+        )
+        dim = self.num_heads * self.head_dim
+        self.patch_embed = PatchEmbed(dim, self.patch_size, dtype=self.dtype)
+        self.pos_embed = self.param("pos_embed", trunc_normal_02, (1, self.token_counts[0], dim), jnp.float32)
+        self.pos_drop = nn.Dropout(self.drop_rate)
+        rates = drop_path_rates(self.drop_path_rate, self.num_blocks)
+        w = self.pool_block_width
+        self.blocks = [
+            HVTBlock(
+                self.num_heads, self.mlp_ratio, qkv_bias=True, drop=self.drop_rate, drop_path=rates[i],
+                norm_eps=NORM_EPS, downsample=bool(w) and i % w == 0, pool_kernel_size=self.pool_kernel_size,
+                pool_stride=self.pool_stride, dtype=self.dtype, name=f"blocks_{i}",
+            )
+            for i in range(self.num_blocks)
+        ]
+        self.norm = layer_norm(NORM_EPS, dtype=self.dtype)
+        if self.num_classes:
+            self.head = dense(self.num_classes, dtype=jnp.float32)
+
+    def forward_features(self, images: jax.Array, train: bool = False) -> jax.Array:
+        """Images ``[B, S, S, 3]`` -> final-LayerNorm tokens ``[B, L_last, C]``."""
+        check_image(images, self.img_size, type(self).__name__)
+        x = self.patch_embed(images.astype(self.dtype))
+        self.sow("intermediates", "patch_embed_out", x)
+        x = x + self.pos_embed.astype(x.dtype)
+        self.sow("intermediates", "tokens_in", x)
+        x = self.pos_drop(x, deterministic=not train)
+        for block in self.blocks:
+            x = block(x, train)
+            self.sow("intermediates", f"{block.name}_out", x)
+        x = self.norm(x)
+        self.sow("intermediates", "final_norm_out", x)
+        return x
+
+    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+        """Images ``[B, S, S, 3]`` (normalised, NHWC) -> logits ``[B, num_classes]`` (features if 0 classes).
+
+        The features are the mean of all remaining tokens after the final LayerNorm (Pan et al., Fig. 2);
+        features and logits are computed in float32 whatever the compute dtype.
+        """
+        x = self.forward_features(images, train).astype(jnp.float32).mean(axis=1)
+        self.sow("intermediates", "features", x)
+        return self.head(x) if self.num_classes else x
+
+
+# ---------------------------------------------------------------------------------------------
+# Official variants (all: 224 px, patch 16, head_dim 64, 12 blocks, pool kernel 3 / stride 2)
+# ---------------------------------------------------------------------------------------------
+
+# name: (num_heads, pool_block_width, released file)
+_VARIANTS: dict[str, tuple[int, int, str]] = {
+    "hvt_ti_1": (3, 12, "hvt_ti_1.pth"),
+    "hvt_s_0": (6, 0, "hvt_s_0.pth"),
+    "hvt_s_1": (6, 12, "hvt_s_1.pth"),
+    "hvt_s_2": (6, 6, "hvt_s_2.pth"),
+    "hvt_s_3": (6, 4, "hvt_s_3.pth"),
+    "hvt_s_4": (6, 3, "scale_hvt_ti_4.pth"),
+    # "Scale HVT-Ti-4" of the README is the same 384-wide model (and file) as HVT-S-4.
+    "scale_hvt_ti_4": (6, 3, "scale_hvt_ti_4.pth"),
+}
+
+
+def _register(name: str, heads: int, width: int, file: str) -> None:
+    @register_model(name, "hvt", PretrainedCfg(weights_keys=("model",), files=(file,)))
+    def factory(num_classes: int, img_size: int, **kwargs: Any) -> HVT:
+        kw: dict[str, Any] = dict(num_heads=heads, pool_block_width=width)
+        kw.update(kwargs)
+        return HVT(num_classes=num_classes, img_size=img_size, **kw)
+
+    factory.__name__ = name
+    factory.__doc__ = f"{name}: HVT, C={64 * heads}, {heads} heads, pool_block_width {width} ({file})."
+
+
+for _name, (_heads, _width, _file) in _VARIANTS.items():
+    _register(_name, _heads, _width, _file)
