@@ -19,6 +19,7 @@ import pytest
 
 import jvit
 import jvit.checkpoint
+import jvit.convert
 import jvit.utils
 from jvit.data import pipeline, preprocess
 from jvit.train import config as config_lib
@@ -251,32 +252,34 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_init_from_converted_checkpoint_reinitialises_a_different_head(tmp_path):
-    source_config = tiny_config(**{"model.num_classes": 7})
-    source = state_lib.build_model(source_config, 7)
-    variables = jax.device_get(jvit.init_variables(source, rng=123))
-    jvit.checkpoint.save_variables(tmp_path / "converted", variables, {"model": "hvt_ti_1"})
-
-    config = tiny_config(init_from=str(tmp_path / "converted"))  # mock data: 5 classes
-    exp = loop.setup(config)
-    tx, _ = optim.make_optimizer(config, exp.steps_per_epoch)
-    state, _ = loop.initial_state(exp, tx)
-    loaded = jax.device_get(state.params)
-    for path, value in jax.tree_util.tree_leaves_with_path(variables["params"]):
-        name = optim.param_path(path)
-        got = loaded
-        for part in name.split("/"):
-            got = got[part]
-        if name.startswith("head/"):
-            assert got.shape[-1] == 5 and value.shape[-1] == 7  # re-initialised for 5 classes
-        else:
-            np.testing.assert_array_equal(got, value, err_msg=name)
-    assert_trees_equal(jax.device_get(state.ema["params"]), loaded)  # the EMA starts from the weights
+    # A reduced HVT trained by the original code (100 CIFAR classes, 32 px) ...
+    case = ROOT / "tests" / "fixtures" / "hvt" / "reduced_cifar32"
+    arch = {"model.img_size": 32, "model.kwargs.num_heads": 3, "model.kwargs.head_dim": 16,
+            "model.kwargs.num_blocks": 4, "model.kwargs.pool_block_width": 4}
+    pth = str(case / "checkpoint.pth")
+    reference = jvit.convert.load_torch_checkpoint(pth, "hvt_ti_1", img_size=32, patch_size=4, **{
+        k.split(".")[-1]: v for k, v in arch.items() if k.startswith("model.kwargs")})
+    # ... converted the way tools/convert_torch.py writes it, and read directly as a .pth.
+    converted = str(tmp_path / "converted")
+    jvit.checkpoint.save_variables(converted, reference, {"model": "hvt_ti_1", "num_classes": 100})
+    for init_from in (converted, pth):
+        config = tiny_config(init_from=init_from, **arch)  # mock data: 5 classes
+        exp = loop.setup(config)
+        state, _ = loop.initial_state(exp, optim.make_optimizer(config, exp.steps_per_epoch)[0])
+        params = jax.device_get(state.params)
+        flat = dict(jax.tree_util.tree_leaves_with_path(params))
+        for path, value in jax.tree_util.tree_leaves_with_path(reference["params"]):
+            if optim.param_path(path).startswith("head/"):
+                assert flat[path].shape[-1] == 5 and value.shape[-1] == 100  # re-initialised for 5 classes
+            else:
+                np.testing.assert_array_equal(flat[path], value, err_msg=f"{init_from}: {jax.tree_util.keystr(path)}")
+        assert_trees_equal(jax.device_get(state.ema["params"]), params)  # the EMA starts from the weights
 
     # Any other mismatch is an error naming the parameter.
-    narrow = jvit.utils.abstract_variables(state_lib.build_model(tiny_config(**{"model.kwargs.head_dim": 4}), 5))
+    narrow = jvit.utils.abstract_variables(state_lib.build_model(tiny_config(**{**arch, "model.kwargs.head_dim": 8}), 5))
     fresh = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), narrow)
     with pytest.raises(config_lib.ConfigError, match="pos_embed: checkpoint shape"):
-        state_lib.merge_pretrained(fresh, variables, 5)
+        state_lib.merge_pretrained(fresh, reference, 5)
 
 
 # --- the shipped configs --------------------------------------------------------------------
