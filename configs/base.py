@@ -1,12 +1,13 @@
 """Shared pieces of the experiment configs: the ImageNet input, the timm/DeiT recipe, mock data.
 
-An experiment file is a few lines: start from :func:`jvit.train.config.default_config`, apply the
-pieces its original used with that paper's numbers, and :func:`finish` it. Adding a family's
-variant is one call such as::
+An experiment file is a few lines: start from :func:`imagenet`, apply the recipe its original
+used with that paper's numbers, and :func:`finish` it. E.g. an HVT variant (hvt.md section 6)::
 
     def get_config(arg=None):
-        return base.finish(base.timm_recipe(base.imagenet("hvt_s_1"), batch_size=1024, lr=5e-4,
-                                            lr_base_batch_size=512, weight_decay=0.025, ...), arg)
+        c = base.timm_recipe(base.imagenet("hvt_s_1"), batch_size=1024, lr=5e-4, lr_base_batch_size=512,
+                             weight_decay=0.025, wd_exclude=("bias$", "pos_embed$"), drop_path=0.1)
+        c.augment.repeated_aug = 3
+        return base.finish(c, arg)
 """
 
 from __future__ import annotations

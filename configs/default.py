@@ -3,8 +3,11 @@
     python -m jvit.main --config configs/default.py --workdir runs/default
 
 The digits (1,437 train / 360 held-out test images) are built into a tfds dataset on first use
-and read through the same grain pipeline as ImageNet. Ends with ``final: step=... eval/top1=...``.
-"""
+and read through the same grain pipeline as ImageNet, upscaled to 32x32. The model is HVT-Ti-1
+shrunk through ``model.kwargs``: patch 4 (64 tokens), width 64 (2 heads x 32), 4 blocks, pooling
+after blocks 0 and 2 (64 -> 31 -> 15 tokens); 0.21M parameters. 10 epochs (225 steps of 64).
+Measured on 2 shared CPU cores: about 1.5 minutes, held-out top-1 0.986. Ends with
+``final: step=225 ... eval/top1=0.9861 ...``."""
 
 from configs import base
 from jvit.train.config import default_config
