@@ -130,7 +130,7 @@ def initial_state(exp: Experiment, tx) -> tuple[state_lib.TrainState, Any]:
     if not exp.config.init_from:
         return jax.jit(lambda r: make_state(init(r)), out_shardings=shardings)(rng), shardings
     fresh = jax.device_get(jax.jit(init)(rng))
-    loaded = state_lib.load_pretrained(exp.config, exp.num_classes)
+    loaded = state_lib.load_pretrained(exp.config)
     merged, reinit = state_lib.merge_pretrained(fresh, loaded, exp.num_classes)
     log.info("initialised from %s%s", exp.config.init_from,
              f"; re-initialised for {exp.num_classes} classes: {', '.join(reinit)}" if reinit else "")

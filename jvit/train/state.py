@@ -84,7 +84,7 @@ def new_state(variables: dict[str, Any], tx: optax.GradientTransformation, confi
     )
 
 
-def load_pretrained(config: ml_collections.ConfigDict, num_classes: int) -> dict[str, Any]:
+def load_pretrained(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Host variables from ``config.init_from``: a jvit checkpoint directory, or an original ``.pth``."""
     path = os.path.expanduser(config.init_from)
     if os.path.isdir(path):
