@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
 import jvit
 import jvit.checkpoint
@@ -29,16 +30,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(autouse=True, scope="module")
 def compilation_cache(tmp_path_factory):
-    """Share compiled programs between the runs of a test (a restart compiles what the first run did)."""
+    """A persistent compilation cache for this module: a rerun (resume) loads what the first run compiled."""
     names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
              "jax_persistent_cache_min_entry_size_bytes")
     before = {n: getattr(jax.config, n) for n in names}
     jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    jax_cache.reset_cache()  # jax decides once per process whether the cache is on
     yield
     for n, v in before.items():
         jax.config.update(n, v)
+    jax_cache.reset_cache()
 
 
 def load_config(name: str, arg: str | None = None):
@@ -162,12 +165,12 @@ def test_data_parallel_and_fsdp_steps_match_one_device():
         "fsdp": sharding.make_mesh(data=2, fsdp=4),
     }.items():
         run = dataclasses.replace(exp, mesh=mesh)
-        _, shardings, _ = loop._abstract_state(run, tx)
+        _, shardings, _ = loop.abstract_state(run, tx)
         state = jax.device_put(start, shardings)
         if name == "fsdp":
             specs = [s.spec for s in jax.tree.leaves(shardings.params)]
             assert any("fsdp" in spec for spec in specs), specs  # parameters really are split
-        train_fn, _ = loop._compiled_steps(run, tx, shardings)
+        train_fn, _ = loop.compiled_steps(run, tx, shardings)
         losses = []
         for b in batches:
             state, metrics = train_fn(state, sharding.global_batch(b, mesh))
@@ -312,7 +315,7 @@ def test_sot_base_starts_training_on_mock_data():
     tx, _ = optim.make_optimizer(config, exp.steps_per_epoch)
     state, shardings = loop.initial_state(exp, tx)
     assert jvit.count_params(state.params) == 76_774_966  # sot.md section 1.2: trainable parameters
-    train_fn, _ = loop._compiled_steps(exp, tx, shardings)
+    train_fn, _ = loop.compiled_steps(exp, tx, shardings)
     iterator = pipeline.train_iterator(exp.train_split.data, batch_size=1, preprocess=preprocess.resize,
                                        img_size=224, seed=config.seed)
     state, metrics = train_fn(state, sharding.global_batch(next(iterator), exp.mesh))

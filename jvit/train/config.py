@@ -216,7 +216,8 @@ def _value_errors(c: ml_collections.ConfigDict) -> list[str]:
             errors.append(f"optimizer.wd_exclude entry {pattern!r} is not a regex: {e}")
     check(o.clip_grad_norm >= 0, f"optimizer.clip_grad_norm={o.clip_grad_norm} must be >= 0")
     check(o.warmup_epochs >= 0, f"optimizer.warmup_epochs={o.warmup_epochs} must be >= 0")
-    check(o.warmup_lr >= 0 and o.min_lr >= 0, f"optimizer.warmup_lr/min_lr must be >= 0")
+    check(o.warmup_lr >= 0 and o.min_lr >= 0,
+          f"optimizer.warmup_lr={o.warmup_lr}, min_lr={o.min_lr} must be >= 0")
 
     one_of("loss.name", c.loss.name, sorted(LOSSES))
     check(0 <= c.loss.label_smoothing < 1, f"loss.label_smoothing={c.loss.label_smoothing} must be in [0, 1)")

@@ -108,7 +108,7 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [prefix[:-1]] if a != b else []
 
 
-def _abstract_state(exp: Experiment, tx) -> tuple[Any, Any, Any]:
+def abstract_state(exp: Experiment, tx) -> tuple[Any, Any, Any]:
     """``(abstract TrainState, its shardings, the variables' init function)``, allocating nothing."""
     model = exp.model
     x = jnp.zeros((1, exp.img_size, exp.img_size, 3), jnp.float32)
@@ -124,7 +124,7 @@ def _abstract_state(exp: Experiment, tx) -> tuple[Any, Any, Any]:
 
 def initial_state(exp: Experiment, tx) -> tuple[state_lib.TrainState, Any]:
     """Step-0 state (fresh init, or ``init_from`` weights), created directly in its shardings."""
-    _, shardings, init = _abstract_state(exp, tx)
+    _, shardings, init = abstract_state(exp, tx)
     rng = jax.random.key(exp.config.seed)
     make_state = lambda v: state_lib.new_state(v, tx, exp.config)  # noqa: E731
     if not exp.config.init_from:
@@ -137,7 +137,9 @@ def initial_state(exp: Experiment, tx) -> tuple[state_lib.TrainState, Any]:
     return jax.jit(make_state, out_shardings=shardings)(merged), shardings
 
 
-def _compiled_steps(exp: Experiment, tx, state_shardings):
+def compiled_steps(exp: Experiment, tx, state_shardings):
+    """The jitted ``(train_step, eval_step)``: the train step takes and returns the state in
+    ``state_shardings`` (donated) and the batch split over the mesh."""
     batch = sharding.batch_sharding(exp.mesh)
     loss_fn = losses.LOSSES[exp.config.loss.name]
     train = jax.jit(
@@ -218,11 +220,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if latest is None:
         state, shardings = initial_state(exp, tx)
     else:
-        abstract, shardings, _ = _abstract_state(exp, tx)
+        abstract, shardings, _ = abstract_state(exp, tx)
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
         state = ckpt.restore(latest, target, iterator)
         log.info("resumed from %s at step %d", ckpt.directory, latest)
-    train_fn, eval_fn = _compiled_steps(exp, tx, shardings)
+    train_fn, eval_fn = compiled_steps(exp, tx, shardings)
     log.info("%s: %d classes at %dpx, %s params; %d steps of %d examples (%.1f steps/epoch) on a %s mesh",
              config.model.name, exp.num_classes, exp.img_size, f"{jvit.count_params(state.params):,}",
              exp.total_steps, exp.step_batch, exp.steps_per_epoch, dict(exp.mesh.shape))
@@ -280,7 +282,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     latest = ckpt.latest_step()
     try:
         if latest is not None:
-            abstract, shardings, _ = _abstract_state(exp, tx)
+            abstract, shardings, _ = abstract_state(exp, tx)
             target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
             state = ckpt.restore(latest, target, None)
         elif config.init_from:
@@ -289,7 +291,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
             raise config_lib.ConfigError(f"nothing to evaluate: no checkpoint in {ckpt.directory} and no config.init_from")
     finally:
         ckpt.close()
-    _, eval_fn = _compiled_steps(exp, tx, shardings)
+    _, eval_fn = compiled_steps(exp, tx, shardings)
     results = run_evals(exp, eval_fn, state)
     step = int(state.step)
     print(f"final: step={step} " + " ".join(f"{k}={v:.4f}" for k, v in results.items()), flush=True)
