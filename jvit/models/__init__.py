@@ -1,4 +1,3 @@
 """Model families. Importing a family module registers its variants."""
 
-from jvit.models import sot  # noqa: F401
-from jvit.models import hvt  # noqa: F401
+from jvit.models import hvt, sot, spvit  # noqa: F401

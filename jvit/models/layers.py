@@ -213,13 +213,18 @@ def dot_product_attention(
     scale: float,
     dropout: nn.Dropout | None = None,
     train: bool = False,
+    on_probs: Callable[[jax.Array], Any] | None = None,
 ) -> jax.Array:
     """``softmax(q k^T * scale) v`` per head on ``[B, N, heads, hd]`` inputs (Vaswani et al., Eq. 1).
 
     The softmax runs in float32 whatever the compute dtype, as in the originals' AMP training.
+    ``on_probs`` (if given) receives the probabilities ``[B, heads, N, N]`` before dropout, e.g. to
+    sow them as an intermediate.
     """
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
     attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    if on_probs is not None:
+        on_probs(attn)
     if dropout is not None:
         attn = dropout(attn, deterministic=not train)
     return jnp.einsum("bhqk,bkhd->bqhd", attn, v)
@@ -230,6 +235,7 @@ class Attention(nn.Module):
 
     ``qkv`` output channels are laid out ``(q|k|v, head, channel)``; the scale is
     ``qk_scale or head_dim**-0.5``; heads are concatenated head-major before ``proj``.
+    With ``sow_probs`` the softmax probabilities are sown as intermediate ``attn_probs``.
     """
 
     num_heads: int
@@ -238,6 +244,7 @@ class Attention(nn.Module):
     attn_drop: float = 0.0
     proj_drop: float = 0.0
     dtype: Dtype = jnp.float32
+    sow_probs: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -248,7 +255,8 @@ class Attention(nn.Module):
         qkv = dense(3 * c, use_bias=self.qkv_bias, name="qkv", dtype=self.dtype)(x)
         q, k, v = split_heads(qkv, 3, self.num_heads)
         scale = self.qk_scale if self.qk_scale is not None else head_dim**-0.5
-        out = dot_product_attention(q, k, v, scale, nn.Dropout(self.attn_drop), train)
+        sow = (lambda p: self.sow("intermediates", "attn_probs", p)) if self.sow_probs else None
+        out = dot_product_attention(q, k, v, scale, nn.Dropout(self.attn_drop), train, sow)
         out = out.reshape(*lead, n, c)
         out = dense(c, name="proj", dtype=self.dtype)(out)
         return nn.Dropout(self.proj_drop)(out, deterministic=not train)
