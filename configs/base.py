@@ -1,0 +1,96 @@
+"""Shared pieces of the experiment configs: the ImageNet input, the timm/DeiT recipe, mock data.
+
+An experiment file is a few lines: start from :func:`imagenet`, apply the recipe its original
+used with that paper's numbers, and :func:`finish` it. E.g. an HVT variant (hvt.md section 6)::
+
+    def get_config(arg=None):
+        c = base.timm_recipe(base.imagenet("hvt_s_1"), batch_size=1024, lr=5e-4, lr_base_batch_size=512,
+                             weight_decay=0.025, wd_exclude=("bias$", "pos_embed$"), drop_path=0.1)
+        c.augment.repeated_aug = 3
+        return base.finish(c, arg)
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from jvit.train.config import default_config, finalize
+
+
+def imagenet(model: str, img_size: int | None = None) -> ml_collections.ConfigDict:
+    """``model`` on ImageNet-1k (tfds ``imagenet2012``, prepared as ArrayRecord), eval on validation."""
+    c = default_config()
+    c.model.name = model
+    c.model.img_size = img_size
+    c.input.dataset = "imagenet2012"
+    c.input.train_split = "train"
+    c.input.eval_splits = ("validation",)
+    return c
+
+
+def timm_recipe(
+    c: ml_collections.ConfigDict,
+    *,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    drop_path: float,
+    ema_decay: float = 0.0,
+    lr_base_batch_size: int = 0,
+    epochs: float = 300,
+    cooldown_epochs: float = 0,
+    warmup_epochs: float = 5,
+    warmup_lr: float = 1e-6,
+    min_lr: float = 1e-5,
+    label_smoothing: float = 0.1,
+    wd_exclude: tuple[str, ...] = ("bias$",),
+    seed: int = 42,
+) -> ml_collections.ConfigDict:
+    """The optimisation recipe every original shares (timm ``create_optimizer`` + ``CosineLRScheduler``):
+    AdamW (0.9, 0.999, eps 1e-8), no decay on 1-D params and ``wd_exclude`` names, warmup from
+    ``warmup_lr`` then cosine to ``min_lr`` stepped per epoch, label smoothing, drop path, optional
+    EMA of the whole state (timm ``ModelEma``), and the DeiT augmentation (:func:`deit_augment`)."""
+    c.seed = seed
+    c.batch_size = batch_size
+    c.num_epochs = epochs
+    c.cooldown_epochs = cooldown_epochs
+    o = c.optimizer
+    o.name = "adamw"
+    o.lr, o.lr_base_batch_size = lr, lr_base_batch_size
+    o.b1, o.b2, o.eps = 0.9, 0.999, 1e-8
+    o.weight_decay, o.wd_exclude_1d, o.wd_exclude = weight_decay, True, wd_exclude
+    o.warmup_epochs, o.warmup_lr, o.min_lr = warmup_epochs, warmup_lr, min_lr
+    o.lr_per_epoch = True
+    c.loss.label_smoothing = label_smoothing
+    c.model.kwargs.drop_path_rate = drop_path
+    c.ema.decay, c.ema.batch_stats = ema_decay, True
+    c.checkpoint.every_steps = 2000
+    c.log_every_steps = 100
+    return deit_augment(c)
+
+
+def deit_augment(c: ml_collections.ConfigDict, *, repeated_aug: int = 0, mixup: bool = True) -> ml_collections.ConfigDict:
+    """The DeiT/timm train augmentation the originals use: RandomResizedCrop (0.08-1, random
+    bilinear/bicubic), flip, RandAugment rand-m9-mstd0.5-inc1, RandomErasing 0.25, Mixup 0.8 /
+    CutMix 1.0 (switch 0.5). NOT APPLIED YET: the trainer warns and trains without them."""
+    a = c.augment
+    a.inception_crop, a.crop_scale, a.train_interpolation = True, (0.08, 1.0), "random"
+    a.hflip, a.rand_augment, a.random_erasing = 0.5, "rand-m9-mstd0.5-inc1", 0.25
+    if mixup:
+        a.mixup_alpha, a.cutmix_alpha, a.mixup_prob, a.mixup_switch_prob = 0.8, 1.0, 1.0, 0.5
+    a.repeated_aug = repeated_aug
+    return c
+
+
+def finish(c: ml_collections.ConfigDict, arg: str | None = None) -> ml_collections.ConfigDict:
+    """Apply the config-file argument and lock the config.
+
+    ``arg='mock'`` (``--config configs/x.py:mock``) swaps the dataset for random images, so a
+    full-size model starts training with no dataset at hand.
+    """
+    if arg == "mock":
+        c.input.dataset = "mock"
+        c.input.mock_num_classes = 1000
+    elif arg:
+        raise ValueError(f"unknown config argument {arg!r}; the only one is 'mock'")
+    return finalize(c)

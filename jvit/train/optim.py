@@ -1,0 +1,97 @@
+"""Optimizer and learning-rate schedule from ``config.optimizer`` (optax).
+
+The originals all use timm's recipe: AdamW with decoupled weight decay (Loshchilov & Hutter,
+2019) on every parameter except a no-decay group, a linear warmup and a cosine decay
+(``CosineLRScheduler``), optionally a cooldown at ``min_lr``. Only ``params`` are optimised; the
+other collections (BatchNorm statistics, frozen tables) never reach the optimizer.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+Schedule = Callable[[jax.Array], jax.Array]
+
+
+def peak_lr(config: ml_collections.ConfigDict) -> float:
+    """``optimizer.lr``, scaled by ``batch_size / lr_base_batch_size`` when that rule is configured
+    (HVT, STViT: ``lr = 5e-4 * batch / 512``)."""
+    o = config.optimizer
+    return o.lr * config.batch_size / o.lr_base_batch_size if o.lr_base_batch_size else o.lr
+
+
+def lr_schedule(config: ml_collections.ConfigDict, updates_per_epoch: float) -> Schedule:
+    """Learning rate as a function of the optimizer-update count, timm's ``CosineLRScheduler``::
+
+        t < warmup:       warmup_lr + (lr - warmup_lr) * t / warmup
+        t < num_epochs:   min_lr + (lr - min_lr) * (1 + cos(pi * t / num_epochs)) / 2
+        afterwards:       min_lr                                           (cooldown)
+
+    with ``t`` in epochs. The originals step it once per epoch (``lr_per_epoch=True`` floors ``t``);
+    the default evaluates it at every update, which is smoother and the same curve otherwise.
+    (timm's DeiT-style loops also lag one epoch behind, e.g. epochs 0 and 1 both at ``warmup_lr``;
+    that off-by-one is not reproduced.)
+    """
+    o = config.optimizer
+    lr, warmup, total = peak_lr(config), o.warmup_epochs, config.num_epochs
+
+    def schedule(count: jax.Array) -> jax.Array:
+        t = jnp.asarray(count, jnp.float32) / updates_per_epoch
+        if o.lr_per_epoch:
+            t = jnp.floor(t)
+        warm = o.warmup_lr + (lr - o.warmup_lr) * t / max(warmup, 1e-12)
+        cosine = o.min_lr + 0.5 * (lr - o.min_lr) * (1.0 + jnp.cos(math.pi * jnp.minimum(t / total, 1.0)))
+        return jnp.where(t < warmup, warm, jnp.where(t < total, cosine, o.min_lr))
+
+    return schedule
+
+
+def param_path(path: tuple[Any, ...]) -> str:
+    """``'blocks_0/attn/qkv/kernel'`` from a pytree key path."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def weight_decay_mask(params: Any, config: ml_collections.ConfigDict) -> Any:
+    """``True`` where weight decay applies: not 1-D (if ``wd_exclude_1d``) and no ``wd_exclude``
+    regex matching the parameter's path (timm's ``add_weight_decay`` + ``no_weight_decay()``)."""
+    o = config.optimizer
+    patterns = [re.compile(p) for p in o.wd_exclude]
+
+    def decays(path, x) -> bool:
+        if o.wd_exclude_1d and len(x.shape) <= 1:
+            return False
+        name = param_path(path)
+        return not any(p.search(name) for p in patterns)
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, updates_per_epoch: float) -> tuple[optax.GradientTransformation, Schedule]:
+    """The optax transformation for ``params`` and its lr schedule (indexed by optimizer update).
+
+    Gradient accumulation wraps everything in ``optax.MultiSteps``: the inner optimizer (and so the
+    schedule) only advances every ``grad_accum_steps`` calls, on the mean of the accumulated grads.
+    """
+    o = config.optimizer
+    schedule = lr_schedule(config, updates_per_epoch)
+    tx = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                     mask=lambda params: weight_decay_mask(params, config))
+    if o.clip_grad_norm:
+        tx = optax.chain(optax.clip_by_global_norm(o.clip_grad_norm), tx)
+    if config.grad_accum_steps > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum_steps)
+    return tx, schedule
+
+
+def applied_update(config: ml_collections.ConfigDict, opt_state: Any) -> jax.Array:
+    """Whether the last optimizer call changed the params (always, unless accumulating gradients)."""
+    if config.grad_accum_steps > 1:
+        return optax.MultiSteps(optax.identity(), config.grad_accum_steps).has_updated(opt_state)
+    return jnp.asarray(True)

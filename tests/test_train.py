@@ -1,0 +1,322 @@
+"""The training system: sharded steps, exact resume, NaN stop, init from converted weights, configs.
+
+All runs use the 8 fake CPU devices of conftest.py, tiny HVT models and a handful of steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from jax.experimental.compilation_cache import compilation_cache as jax_cache
+
+import jvit
+import jvit.checkpoint
+import jvit.convert
+import jvit.utils
+from jvit.data import pipeline, preprocess
+from jvit.train import config as config_lib
+from jvit.train import loop, optim, sharding, state as state_lib
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def compilation_cache(tmp_path_factory):
+    """A persistent compilation cache for this module: a rerun (resume) loads what the first run compiled."""
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    before = {n: getattr(jax.config, n) for n in names}
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    jax_cache.reset_cache()  # jax decides once per process whether the cache is on
+    yield
+    for n, v in before.items():
+        jax.config.update(n, v)
+    jax_cache.reset_cache()
+
+
+def load_config(name: str, arg: str | None = None):
+    """``configs/<name>.py``'s ``get_config(arg)``, as ``--config configs/<name>.py[:arg]`` loads it."""
+    spec = importlib.util.spec_from_file_location(f"config_{name}", ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def tiny_config(**overrides):
+    """A 2-block HVT (16 px, patch 4, width 16, a BatchNorm-free model) on mock data, batch 16."""
+    c = config_lib.default_config()
+    c.model.name = "hvt_ti_1"
+    c.model.img_size = 16
+    c.model.kwargs.update(patch_size=4, num_heads=2, head_dim=8, num_blocks=2, pool_block_width=1,
+                          drop_path_rate=0.1)
+    c.input.dataset = "mock"
+    c.input.mock_train_examples, c.input.mock_eval_examples, c.input.mock_num_classes = 48, 13, 5
+    c.input.num_threads = 1
+    c.batch_size = 16
+    c.eval_batch_size = 8
+    c.num_train_steps = 6
+    c.optimizer.update(lr=1e-2, weight_decay=0.05, warmup_epochs=0.5, min_lr=1e-4)
+    c.loss.label_smoothing = 0.1
+    c.ema.decay = 0.9
+    c.checkpoint.every_steps = 2
+    c.log_every_steps = 1
+    c.eval_every_steps = 0
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config_lib.finalize(c)
+
+
+def saved_state(workdir: Path, step: int) -> dict:
+    """The raw arrays of checkpoint ``step``'s train state."""
+    return ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
+
+
+def assert_trees_equal(a, b):
+    flat_a, flat_b = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
+    assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
+    for (path, x), (_, y) in zip(flat_a, flat_b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
+
+
+# --- config ---------------------------------------------------------------------------------
+
+
+def test_config_names_unknown_fields_and_bad_values():
+    c = tiny_config()
+    with pytest.raises(AttributeError, match="optimzer"):
+        c.optimzer = 1  # locked: typos cannot add fields
+    c = config_lib.default_config()
+    c.model.name = "hvt_ti_1"
+    c.extra_field = 3
+    c.optimizer.wd_extra = 1
+    c.model.name = "hvt_tiny"
+    c.batch_size = 0
+    c.optimizer.name = "sgd"
+    c.loss.name = "hinge"
+    with pytest.raises(ValueError) as e:
+        config_lib.validate(c)
+    message = str(e.value)
+    for needle in ("'extra_field'", "'optimizer.wd_extra'", "model.name='hvt_tiny'", "batch_size=0",
+                   "optimizer.name='sgd'", "loss.name='hinge'"):
+        assert needle in message
+
+
+def test_recipe_configs_load_validate_and_carry_the_spec_recipe():
+    for name in ("sot_tiny", "sot_small", "sot_base", "sovit_7", "sovit_10", "sovit_14", "sovit_19"):
+        c = load_config(name)
+        config_lib.validate(c)
+        assert c.model.name == name and c.input.dataset == "imagenet2012"
+        assert c.ema.decay == 0.99996 and c.loss.label_smoothing == 0.1
+        assert c.optimizer.warmup_epochs == 5 and c.optimizer.min_lr == 1e-5 and c.cooldown_epochs == 10
+    # sot.md section 10: SoT-B 512 / 5e-4 / 0.065, So-ViT-14 512 / 1e-3 / 0.05.
+    b = load_config("sot_base")
+    assert (b.batch_size, b.optimizer.lr, b.optimizer.weight_decay) == (512, 5e-4, 0.065)
+    s = load_config("sovit_14")
+    assert (s.batch_size, s.optimizer.lr, s.optimizer.weight_decay) == (512, 1e-3, 0.05)
+    # Recipe parts the trainer does not apply yet are reported, not silently dropped.
+    assert {"rand_augment", "mixup_alpha", "random_erasing"} <= set(config_lib.unapplied_recipe_fields(b))
+    assert config_lib.unapplied_recipe_fields(load_config("default")) == {}
+
+
+def test_weight_decay_mask_and_schedule():
+    c = load_config("sot_tiny")
+    params = jvit.utils.abstract_variables(jvit.create_model("sot_tiny", img_size=112))["params"]
+    mask = {optim.param_path(p): m for p, m in jax.tree_util.tree_leaves_with_path(optim.weight_decay_mask(params, c))}
+    assert mask["cls_token"] and mask["blocks_0/attn/qkv/kernel"]  # timm decays the 3-D cls_token
+    assert not mask["blocks_0/attn/proj/bias"] and not mask["norm/scale"]
+    assert not mask["classifier/pooling/svpn/weight"]  # 1-D start vector
+    # timm CosineLRScheduler per epoch: warmup from 1e-6, cosine to min_lr over 300 epochs, cooldown.
+    schedule = optim.lr_schedule(c, updates_per_epoch=10)
+    assert float(schedule(0)) == pytest.approx(1e-6)
+    assert float(schedule(25)) == pytest.approx(1e-6 + (1e-3 - 1e-6) * 2 / 5)  # epoch 2 (floored)
+    assert float(schedule(1500)) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * 150 / 300)))
+    assert float(schedule(3050)) == pytest.approx(1e-5)
+
+
+# --- sharded steps --------------------------------------------------------------------------
+
+
+def test_data_parallel_and_fsdp_steps_match_one_device():
+    config = tiny_config(**{"mesh.fsdp_min_size": 0})
+    exp = loop.setup(config)
+    tx, _ = optim.make_optimizer(config, exp.steps_per_epoch)
+    iterator = pipeline.train_iterator(exp.train_split.data, batch_size=16, preprocess=preprocess.resize,
+                                       img_size=16, seed=0)
+    batches = [next(iterator), next(iterator)]
+    start = jax.device_get(loop.initial_state(exp, tx)[0])
+    results = {}
+    for name, mesh in {
+        "one": sharding.make_mesh(devices=jax.devices()[:1]),
+        "data": sharding.make_mesh(data=8),
+        "fsdp": sharding.make_mesh(data=2, fsdp=4),
+    }.items():
+        run = dataclasses.replace(exp, mesh=mesh)
+        _, shardings, _ = loop.abstract_state(run, tx)
+        state = jax.device_put(start, shardings)
+        if name == "fsdp":
+            specs = [s.spec for s in jax.tree.leaves(shardings.params)]
+            assert any("fsdp" in spec for spec in specs), specs  # parameters really are split
+        train_fn, _ = loop.compiled_steps(run, tx, shardings)
+        losses = []
+        for b in batches:
+            state, metrics = train_fn(state, sharding.global_batch(b, mesh))
+            losses.append(float(metrics["loss"]))
+        results[name] = (losses, jax.device_get(state))
+    ref_losses, ref_state = results["one"]
+    for name in ("data", "fsdp"):
+        losses, st = results[name]
+        np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, err_msg=name)
+        for a, b in zip(jax.tree.leaves((st.params, st.ema)), jax.tree.leaves((ref_state.params, ref_state.ema))):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+# --- resume, NaN --------------------------------------------------------------------------------
+
+
+class _Recorder:
+    """Wraps the train iterator: records each batch's labels; raises after ``crash_after`` batches."""
+
+    def __init__(self, iterator, log, crash_after=None):
+        self.iterator, self.log, self.crash_after, self.count = iterator, log, crash_after, 0
+
+    def __next__(self):
+        if self.crash_after is not None and self.count == self.crash_after:
+            raise KeyboardInterrupt("simulated kill")
+        self.count += 1
+        batch = next(self.iterator)
+        self.log.append(batch["label"].tolist())
+        return batch
+
+    def get_state(self):
+        return self.iterator.get_state()
+
+    def set_state(self, state):
+        self.iterator.set_state(state)
+
+
+
+_TRAIN_ITERATOR = pipeline.train_iterator
+
+
+def _record(monkeypatch, log, crash_after=None):
+    monkeypatch.setattr(pipeline, "train_iterator",
+                        lambda *a, **k: _Recorder(_TRAIN_ITERATOR(*a, **k), log, crash_after))
+
+
+def test_killed_run_resumes_bit_identical(tmp_path, monkeypatch):
+    config = tiny_config()
+    full_log, part_log = [], []
+    _record(monkeypatch, full_log)
+    full = loop.train_and_evaluate(config, str(tmp_path / "full"))
+
+    _record(monkeypatch, part_log, crash_after=5)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train_and_evaluate(config, str(tmp_path / "part"))
+    assert sorted(os.listdir(tmp_path / "part" / "checkpoints")) == ["2", "4"]
+    resumed_log = []
+    _record(monkeypatch, resumed_log)
+    resumed = loop.train_and_evaluate(config, str(tmp_path / "part"))
+
+    assert part_log[:4] + resumed_log == full_log  # the same batches in the same order
+    assert resumed == full
+    assert_trees_equal(saved_state(tmp_path / "part", 6), saved_state(tmp_path / "full", 6))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    workdir = tmp_path / "run"
+    loop.train_and_evaluate(tiny_config(num_train_steps=2), str(workdir))
+    good = saved_state(workdir, 2)
+    with pytest.raises(loop.NonFiniteLossError, match=r"non-finite .* step 3.*last checkpoint, step 2"):
+        loop.train_and_evaluate(tiny_config(num_train_steps=6, **{"optimizer.lr": 1e30}), str(workdir))
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
+    after = saved_state(workdir, 2)
+    assert_trees_equal(after, good)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(after["params"]))
+    # ... and it resumes: the same workdir with a sane lr trains on from step 2 to the end.
+    assert loop.train_and_evaluate(tiny_config(num_train_steps=4), str(workdir))["step"] == 4
+
+
+# --- init from converted weights ------------------------------------------------------------
+
+
+def test_init_from_converted_checkpoint_reinitialises_a_different_head(tmp_path):
+    # A reduced HVT trained by the original code (100 CIFAR classes, 32 px) ...
+    case = ROOT / "tests" / "fixtures" / "hvt" / "reduced_cifar32"
+    arch = {"model.img_size": 32, "model.kwargs.num_heads": 3, "model.kwargs.head_dim": 16,
+            "model.kwargs.num_blocks": 4, "model.kwargs.pool_block_width": 4}
+    pth = str(case / "checkpoint.pth")
+    reference = jvit.convert.load_torch_checkpoint(pth, "hvt_ti_1", img_size=32, patch_size=4, **{
+        k.split(".")[-1]: v for k, v in arch.items() if k.startswith("model.kwargs")})
+    # ... converted the way tools/convert_torch.py writes it, and read directly as a .pth.
+    converted = str(tmp_path / "converted")
+    jvit.checkpoint.save_variables(converted, reference, {"model": "hvt_ti_1", "num_classes": 100})
+    for init_from in (converted, pth):
+        config = tiny_config(init_from=init_from, **arch)  # mock data: 5 classes
+        exp = loop.setup(config)
+        state, _ = loop.initial_state(exp, optim.make_optimizer(config, exp.steps_per_epoch)[0])
+        params = jax.device_get(state.params)
+        flat = dict(jax.tree_util.tree_leaves_with_path(params))
+        for path, value in jax.tree_util.tree_leaves_with_path(reference["params"]):
+            if optim.param_path(path).startswith("head/"):
+                assert flat[path].shape[-1] == 5 and value.shape[-1] == 100  # re-initialised for 5 classes
+            else:
+                np.testing.assert_array_equal(flat[path], value, err_msg=f"{init_from}: {jax.tree_util.keystr(path)}")
+        assert_trees_equal(jax.device_get(state.ema["params"]), params)  # the EMA starts from the weights
+
+    # Any other mismatch is an error naming the parameter.
+    narrow = jvit.utils.abstract_variables(state_lib.build_model(tiny_config(**{**arch, "model.kwargs.head_dim": 8}), 5))
+    fresh = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), narrow)
+    with pytest.raises(config_lib.ConfigError, match="pos_embed: checkpoint shape"):
+        state_lib.merge_pretrained(fresh, reference, 5)
+
+
+# --- the shipped configs --------------------------------------------------------------------
+
+
+def test_default_config_end_to_end(tmp_path, capsys):
+    config = load_config("default")
+    config.num_train_steps = 30
+    config.eval_every_steps = 0
+    config.input.data_dir = str(tmp_path / "data")  # the digits are built here on first use
+    result = loop.train_and_evaluate(config, str(tmp_path / "run"))
+    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("final:")]
+    assert len(line) == 1 and line[0].startswith("final: step=30 ") and "eval/top1=" in line[0]
+    assert result["eval/top1"] > 0.3  # well above chance (0.1) after 30 steps
+    workdir = tmp_path / "run"
+    assert (workdir / "config.json").is_file() and (workdir / "metrics.jsonl").is_file()
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir / "tensorboard"))
+
+
+def test_sot_base_starts_training_on_mock_data():
+    """configs/sot_base.py:mock through the trainer's setup, init and jitted train step.
+
+    One 224px image on one device: the full 77M-parameter model (plus AdamW moments and EMA)
+    compiles and takes a step; the loop around it is what the tiny-model tests exercise.
+    """
+    config = load_config("sot_base", "mock")
+    config.batch_size = 8  # the smallest global batch 8 devices accept; one device runs 1 image below
+    exp = loop.setup(config)
+    assert (exp.num_classes, exp.img_size) == (1000, 224)
+    exp = dataclasses.replace(exp, mesh=sharding.make_mesh(devices=jax.devices()[:1]), step_batch=1)
+    tx, _ = optim.make_optimizer(config, exp.steps_per_epoch)
+    state, shardings = loop.initial_state(exp, tx)
+    assert jvit.count_params(state.params) == 76_774_966  # sot.md section 1.2: trainable parameters
+    train_fn, _ = loop.compiled_steps(exp, tx, shardings)
+    iterator = pipeline.train_iterator(exp.train_split.data, batch_size=1, preprocess=preprocess.resize,
+                                       img_size=224, seed=config.seed)
+    state, metrics = train_fn(state, sharding.global_batch(next(iterator), exp.mesh))
+    assert int(state.step) == 1 and math.isfinite(float(metrics["loss"]))
