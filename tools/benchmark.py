@@ -1,27 +1,33 @@
-#!/usr/bin/env python
 """Benchmark a registered jvit model: compile time, median step time, img/s, peak memory.
 
-    python tools/benchmark.py --model sot_tiny --batch 8            # inference (eval mode)
-    python tools/benchmark.py --model sot_tiny --batch 8 --train    # AdamW train step
+    python tools/benchmark.py --model sot_tiny --batch 8            # inference: model.apply, eval mode
+    python tools/benchmark.py --model sot_tiny --batch 8 --train    # the trainer's jitted train step
 
-Prints figures only (no thresholds). Inputs are random; the step is jit-compiled once, run
-``--warmup`` times, then timed ``--steps`` times with ``block_until_ready``.
+``--train`` times exactly the step ``python -m jvit.main`` runs (loss, grads, AdamW, EMA when the
+recipe has one), built from ``configs/<model>.py`` when that recipe exists and from the shared timm
+recipe otherwise, on random uint8 images. Prints figures only (no thresholds): the step is compiled
+once, run ``--warmup`` times, then timed ``--steps`` times with ``block_until_ready``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import os
 import resource
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-import jvit
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for configs/
+
+import jvit  # noqa: E402
+from jvit.train import loop, optim, sharding  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -30,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--img-size", type=int, default=None, help="default: the variant's official resolution")
     p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--train", action="store_true", help="time an AdamW train step instead of inference")
+    p.add_argument("--train", action="store_true", help="time the trainer's train step instead of inference")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
     p.add_argument("--steps", type=int, default=10, help="timed steps (>= 10 recommended)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
@@ -38,50 +44,60 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def make_step(model, variables, train: bool):
-    """``(step, state)``: an eval forward, or loss + grads + AdamW update with BN stats and dropout."""
-    if not train:
-        return (lambda state, x, y, rng: (state, model.apply(state["variables"], x, train=False))), {
-            "variables": variables}
+def train_config(args):
+    """The model's recipe config (``configs/<model>.py:mock``) or the shared timm recipe, on mock data."""
+    try:
+        config = importlib.import_module(f"configs.{args.model}").get_config("mock")
+        recipe = f"configs/{args.model}.py"
+    except ModuleNotFoundError:
+        from configs import base
 
-    tx = optax.adamw(1e-3, weight_decay=0.05)
+        config = base.finish(base.timm_recipe(base.imagenet(args.model), batch_size=args.batch, lr=1e-3,
+                                              weight_decay=0.05, drop_path=0.1), "mock")
+        recipe = "configs/base.py timm_recipe (no recipe file for this model)"
+    with config.unlocked():
+        config.batch_size = args.batch
+        config.grad_accum_steps = 1
+        config.model.img_size = args.img_size
+        config.model.num_classes = args.num_classes
+        config.model.dtype = args.dtype
+        config.input.mock_num_classes = args.num_classes
+    return config, recipe
 
-    def step(state, x, y, rng):
-        variables = state["variables"]
 
-        def loss_fn(params):
-            out, updates = model.apply({**variables, "params": params}, x, train=True,
-                                       rngs={"dropout": rng}, mutable=["batch_stats"])
-            logits = out[0] if isinstance(out, tuple) else out
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), updates
-
-        (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
-        upd, opt_state = tx.update(grads, state["opt_state"], variables["params"])
-        params = optax.apply_updates(variables["params"], upd)
-        return {"variables": {**variables, **updates, "params": params}, "opt_state": opt_state}, loss
-
-    return step, {"variables": variables, "opt_state": tx.init(variables["params"])}
+def build(args):
+    """``(step_fn, state, inputs, params_count, description)`` for the chosen mode."""
+    if args.train:
+        config, recipe = train_config(args)
+        exp = loop.setup(config)
+        tx, _ = optim.make_optimizer(config, exp.steps_per_epoch)
+        state, shardings = loop.initial_state(exp, tx)
+        train_fn, _ = loop.compiled_steps(exp, tx, shardings)
+        rng = np.random.default_rng(0)
+        local = {"image": rng.integers(0, 256, (args.batch, exp.img_size, exp.img_size, 3), dtype=np.uint8),
+                 "label": rng.integers(0, args.num_classes, (args.batch,), dtype=np.int32)}
+        batch = sharding.global_batch(local, exp.mesh)
+        desc = dict(recipe=recipe, ema=config.ema.decay, mesh=dict(exp.mesh.shape), img_size=exp.img_size)
+        return train_fn, state, batch, jvit.count_params(state.params), desc
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    model = jvit.create_model(args.model, num_classes=args.num_classes, img_size=args.img_size, dtype=dtype)
+    variables = jvit.init_variables(model, 0)
+    x = jax.random.normal(jax.random.key(1), (args.batch, model.img_size, model.img_size, 3), jnp.float32)
+    fn = jax.jit(lambda variables, x: (variables, model.apply(variables, x, train=False)))
+    return fn, variables, x, jvit.count_params(variables["params"]), dict(img_size=model.img_size)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    model = jvit.create_model(args.model, num_classes=args.num_classes, img_size=args.img_size, dtype=dtype)
-    size = model.img_size
     device = jax.devices()[0]
-    config = dict(model=args.model, batch=args.batch, img_size=size, mode="train" if args.train else "inference",
+    step_fn, state, inputs, params, desc = build(args)
+    config = dict(model=args.model, batch=args.batch, mode="train" if args.train else "inference",
                   dtype=args.dtype, steps=args.steps, warmup=args.warmup, device=device.device_kind,
-                  platform=device.platform, num_devices=jax.device_count(), jax=jax.__version__)
+                  platform=device.platform, num_devices=jax.device_count(), jax=jax.__version__, **desc)
     print("config: " + " ".join(f"{k}={v}" for k, v in config.items()), flush=True)
 
-    variables = jvit.init_variables(model, 0)
-    x = jax.random.normal(jax.random.key(1), (args.batch, size, size, 3), jnp.float32)
-    y = jax.random.randint(jax.random.key(2), (args.batch,), 0, args.num_classes)
-    fn, state = make_step(model, variables, args.train)
-    jitted = jax.jit(fn, donate_argnums=0 if args.train else ())
-
     t0 = time.perf_counter()
-    compiled = jitted.lower(state, x, y, jax.random.key(3)).compile()
+    compiled = step_fn.lower(state, inputs).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     xla_bytes = None if mem is None else (mem.argument_size_in_bytes + mem.output_size_in_bytes
@@ -90,7 +106,7 @@ def main(argv=None) -> None:
     times = []
     for i in range(args.warmup + args.steps):
         t = time.perf_counter()
-        state, out = compiled(state, x, y, jax.random.key(10 + i))
+        state, out = compiled(state, inputs)
         jax.block_until_ready(out)
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
@@ -106,12 +122,13 @@ def main(argv=None) -> None:
         xla_program_mib=None if xla_bytes is None else round(xla_bytes / 2**20, 1),
         device_peak_mib=round(stats["peak_bytes_in_use"] / 2**20, 1) if "peak_bytes_in_use" in stats else None,
         host_peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        params=jvit.count_params(variables["params"]),
+        params=params,
     )
-    assert np.isfinite(np.asarray(out, np.float32)).all(), "non-finite output"
-    print("result: " + " ".join(f"{k}={v}" for k, v in figures.items()), flush=True)
+    finite = jax.tree.leaves(jax.tree.map(lambda a: bool(np.isfinite(np.asarray(a, np.float32)).all()), out))
+    print("result: " + " ".join(f"{k}={v}" for k, v in figures.items()) + ("" if all(finite) else " NON-FINITE"),
+          flush=True)
     if args.json:
-        print(json.dumps({**config, **figures}))
+        print(json.dumps({**config, **figures}, default=str))
 
 
 if __name__ == "__main__":
