@@ -115,6 +115,16 @@ def test_config_names_unknown_fields_and_bad_values():
         assert needle in message
 
 
+def test_every_shipped_config_loads_and_names_a_registered_model():
+    names = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem not in ("__init__", "base"))
+    assert {"default", "sot_base", "hvt_s_1"} <= set(names)
+    for name in names:
+        c = load_config(name)
+        config_lib.validate(c)
+        assert c.model.name in jvit.list_models(), name
+        assert load_config(name, "mock").input.dataset == "mock" or name == "default"
+
+
 def test_recipe_configs_load_validate_and_carry_the_spec_recipe():
     for name in ("sot_tiny", "sot_small", "sot_base", "sovit_7", "sovit_10", "sovit_14", "sovit_19"):
         c = load_config(name)
@@ -130,6 +140,12 @@ def test_recipe_configs_load_validate_and_carry_the_spec_recipe():
     # Recipe parts the trainer does not apply yet are reported, not silently dropped.
     assert {"rand_augment", "mixup_alpha", "random_erasing"} <= set(config_lib.unapplied_recipe_fields(b))
     assert config_lib.unapplied_recipe_fields(load_config("default")) == {}
+    # hvt.md section 6: 1024 images, lr 5e-4 per 512, wd 0.025 without pos_embeds, no EMA, RA x3, seed 0.
+    for name in ("hvt_ti_1", "hvt_s_0", "hvt_s_1", "hvt_s_2", "hvt_s_3", "hvt_s_4"):
+        h = load_config(name)
+        assert h.model.name == name and (h.batch_size, h.optimizer.lr, h.optimizer.lr_base_batch_size) == (1024, 5e-4, 512)
+        assert h.optimizer.weight_decay == 0.025 and "pos_embed$" in h.optimizer.wd_exclude
+        assert h.ema.decay == 0 and h.augment.repeated_aug == 3 and h.seed == 0 and h.cooldown_epochs == 0
 
 
 def test_weight_decay_mask_and_schedule():

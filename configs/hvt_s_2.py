@@ -1,0 +1,17 @@
+"""HVT-S-2 (C=384, 6 heads, pooling after blocks 0 and 6: 196 -> 97 -> 48 tokens) on ImageNet-1k at 224px, the original recipe.
+
+    python -m jvit.main --config configs/hvt_s_2.py --workdir runs/hvt_s_2
+    python -m jvit.main --config configs/hvt_s_2.py:mock --workdir /tmp/hvt_s_2_mock   # no dataset needed
+
+Recipe: :func:`configs.base.hvt_recipe` (batch 1024, AdamW lr 1e-3, wd 0.025 without pos_embeds,
+300 epochs warmup + cosine, drop path 0.1, repeated augmentation, no EMA). DeiT augmentation is
+configured but not applied yet.
+
+Original result (Pan et al., ICCV 2021): 77.36 / 93.55 top-1 / top-5; 1.94 GFLOPs, 22.11M params.
+"""
+
+from configs import base
+
+
+def get_config(arg=None):
+    return base.finish(base.hvt_recipe("hvt_s_2"), arg)
