@@ -19,6 +19,7 @@ import jvit
 import jvit.convert
 from jvit.convert.core import ConversionError, convert_state_dict
 from jvit.convert.torch_io import select_state_dict, to_numpy
+from jvit.models.layers import DepthwiseConv2d, gelu
 from jvit.models.stvit import NEIGHBOURS, SuperTokenAttention, fold_neighbours, unfold_neighbours
 from jvit.utils import abstract_variables, count_params
 
@@ -91,6 +92,21 @@ def test_unfold_is_the_3x3_neighbourhood_and_fold_its_adjoint():
     r = jnp.asarray(np.random.default_rng(1).standard_normal(u.shape).astype(np.float32))
     (adjoint,) = jax.linear_transpose(unfold_neighbours, jnp.asarray(t))(r)
     np.testing.assert_allclose(fold_neighbours(r), adjoint, atol=1e-6)
+
+
+def test_depthwise_conv_and_gelu_match_torch():
+    """The shifted-slice depthwise conv (CPE, ConvFFN) is torch's Conv2d(groups=C, padding=1), and
+    the erf-form GELU is torch's exact GELU."""
+    x = np.random.default_rng(0).standard_normal((2, 5, 7, 6)).astype(np.float32)
+    conv = torch.nn.Conv2d(6, 6, 3, padding=1, groups=6)
+    dw = DepthwiseConv2d(3)
+    variables = {"params": {"kernel": conv.weight.detach().numpy().transpose(2, 3, 1, 0),
+                            "bias": conv.bias.detach().numpy()}}
+    assert jax.tree.map(np.shape, variables) == jax.tree.map(np.shape, dw.init(jax.random.key(0), x))
+    ref = conv(torch.from_numpy(x.transpose(0, 3, 1, 2))).detach().numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(dw.apply(variables, x), ref, atol=1e-6)
+    z = np.linspace(-12, 12, 100_001, dtype=np.float32)
+    np.testing.assert_allclose(gelu(z), torch.nn.functional.gelu(torch.from_numpy(z)).numpy(), atol=2e-6)
 
 
 def cell_of(y: int, x: int, s: int) -> tuple[int, int]:

@@ -27,7 +27,7 @@ import contextlib
 import functools
 import os
 import time
-from typing import Any, Callable
+from typing import Callable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

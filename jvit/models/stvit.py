@@ -9,7 +9,7 @@ A four-stage hierarchical, fully convolutional network (no class token, no posit
           -> 4 stages of blocks [CPE -> x + STA(LN(x)) -> x + ConvFFN(BN(x))], PatchMerging between stages
           -> 1x1 conv to 1024 -> BN -> SiLU -> global average pool -> Linear
 
-Super token attention (STA, Sec. 3.2 of the paper) runs global attention over a few "super tokens"
+Super token attention (STA; the paper's method section) runs global attention over a few "super tokens"
 instead of all tokens, in three steps:
 
 1. super token sampling (STS): the token grid is cut into s x s cells, one super token per cell,
@@ -33,7 +33,6 @@ are zero-padded at the bottom/right inside STA and cropped back, exactly as the 
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -126,7 +125,7 @@ def sample_stokens(pixels: jax.Array, affinity: jax.Array, colsum: jax.Array) ->
 
 
 class SuperTokenAttention(nn.Module):
-    """Super token attention (Sec. 3.2), the original's ``StokenAttention``, on ``[B, H, W, C]``.
+    """Super token attention (STA), the original's ``StokenAttention``, on ``[B, H, W, C]``.
 
     With ``stoken_size`` s > 1::
 
@@ -135,7 +134,7 @@ class SuperTokenAttention(nn.Module):
         repeat n_iter times (no gradient):  A, Z = associate(X, S);  S = fold(A^T X) / (Z + 1e-12)
                                             (the last repetition keeps A, Z but not the update)
         S  = fold(A^T X) / (Z + 1e-12)                           (gradient through X only)
-        S' = MHSA(S)                                             (head_dim^-0.5, per-head qkv)
+        S' = MHSA(S)                                             (scale head_dim^-0.5)
         y  = crop(A unfold(S'))                                  (gradient through S' only)
 
     with association scale ``C^-0.5`` (full width). With s == 1, plain global MHSA over all H*W
@@ -348,7 +347,7 @@ class Stage(nn.Module):
 
 
 class STViT(nn.Module):
-    """Super Token Vision Transformer (Sec. 3.1): stem, four stages, conv/BN/SiLU head.
+    """Super Token Vision Transformer (the paper's overall architecture): stem, four stages, conv/BN/SiLU head.
 
     Takes normalised NHWC images of any size (see the module docstring; ``img_size`` is the
     default/initialisation resolution) and returns float32 logits ``[B, num_classes]``, or the
