@@ -45,8 +45,13 @@ def torch_default_bias_init(fan_in: int) -> Initializer:
 
 
 def gelu(x: jax.Array) -> jax.Array:
-    """Exact GELU ``x * Phi(x)`` as ``torch.nn.GELU()`` computes it (Hendrycks & Gimpel, 2016)."""
-    return nn.gelu(x, approximate=False)
+    """Exact GELU ``x * Phi(x)`` as ``torch.nn.GELU()`` computes it (Hendrycks & Gimpel, 2016).
+
+    Written ``x/2 * (1 + erf(x/sqrt(2)))``, PyTorch's own formula: ``flax.linen.gelu``'s erfc form
+    lowers to a piecewise expansion that XLA's CPU backend splits into several materialised
+    passes (2-3x slower); the two agree to float32 rounding.
+    """
+    return x * 0.5 * (1.0 + jax.lax.erf(x * np.asarray(1.0 / math.sqrt(2.0), dtype=x.dtype)))
 
 
 def layer_norm(eps: float, name: str | None = None, dtype: Dtype = jnp.float32) -> nn.LayerNorm:
@@ -124,22 +129,68 @@ def conv2d(
     )
 
 
+class DepthwiseConv2d(nn.Module):
+    """Depthwise ``k x k`` convolution, stride 1, zero padding ``k // 2`` on NHWC input: the
+    ``torch.nn.Conv2d(C, C, k, padding=k // 2, groups=C)`` of convolutional position encodings.
+
+    Computed as ``k * k`` shifted multiply-adds of the padded input instead of a grouped
+    convolution: XLA's CPU backend runs ``feature_group_count`` convolutions, and above all their
+    gradients, an order of magnitude slower, while the shifted form fuses into one elementwise
+    loop. Parameters are laid out like ``nn.Conv``'s (``kernel [k, k, 1, C]``, ``bias [C]``, PyTorch's
+    default init), so checkpoints convert the same way.
+    """
+
+    kernel_size: int = 3
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k, c = self.kernel_size, x.shape[-1]
+        if k % 2 != 1:
+            raise ValueError(f"DepthwiseConv2d needs an odd kernel_size, got {k}")
+        kernel = self.param("kernel", torch_default_kernel_init, (k, k, 1, c), jnp.float32).astype(self.dtype)
+        x = x.astype(self.dtype)
+        h, w, p = x.shape[1], x.shape[2], k // 2
+        xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+        out = sum(xp[:, i : i + h, j : j + w] * kernel[i, j, 0] for i in range(k) for j in range(k))
+        if self.use_bias:
+            out = out + self.param("bias", torch_default_bias_init(k * k), (c,), jnp.float32).astype(self.dtype)
+        return out
+
+
 def dense(
     features: int,
     use_bias: bool = True,
     name: str | None = None,
     dtype: Dtype = jnp.float32,
     kernel_init: Initializer = trunc_normal_02,
+    bias_init: Initializer = nn.initializers.zeros,
 ) -> nn.Dense:
-    """A Linear layer with timm's ViT init (normal std 0.02, zero bias)."""
+    """A Linear layer, by default with timm's ViT init (normal std 0.02, zero bias)."""
     return nn.Dense(
         features,
         use_bias=use_bias,
         kernel_init=kernel_init,
-        bias_init=nn.initializers.zeros,
+        bias_init=bias_init,
         dtype=dtype,
         name=name,
     )
+
+
+def torch_dense(
+    features: int,
+    *,
+    in_features: int,
+    use_bias: bool = True,
+    name: str | None = None,
+    dtype: Dtype = jnp.float32,
+) -> nn.Dense:
+    """``torch.nn.Linear``, or a 1x1 ``Conv2d`` on channels-last input, with PyTorch's default init.
+
+    Weight and bias ~ ``U(-1/sqrt(in_features), +)``; the kernel is ``[in, out]``.
+    """
+    return dense(features, use_bias, name, dtype, torch_default_kernel_init, torch_default_bias_init(in_features))
 
 
 def max_pool_2d(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:
@@ -235,6 +286,8 @@ class Attention(nn.Module):
 
     ``qkv`` output channels are laid out ``(q|k|v, head, channel)``; the scale is
     ``qk_scale or head_dim**-0.5``; heads are concatenated head-major before ``proj``.
+    ``torch_init`` initialises ``qkv``/``proj`` like PyTorch's default Linear / 1x1 Conv2d
+    (for originals whose projections are 1x1 convs) instead of timm's ViT init.
     With ``sow_probs`` the softmax probabilities are sown as intermediate ``attn_probs``.
     """
 
@@ -243,6 +296,7 @@ class Attention(nn.Module):
     qk_scale: float | None = None
     attn_drop: float = 0.0
     proj_drop: float = 0.0
+    torch_init: bool = False
     dtype: Dtype = jnp.float32
     sow_probs: bool = False
 
@@ -252,13 +306,19 @@ class Attention(nn.Module):
         if c % self.num_heads:
             raise ValueError(f"width {c} is not divisible by num_heads={self.num_heads}")
         head_dim = c // self.num_heads
-        qkv = dense(3 * c, use_bias=self.qkv_bias, name="qkv", dtype=self.dtype)(x)
+
+        def linear(features: int, use_bias: bool, name: str) -> nn.Dense:
+            if self.torch_init:
+                return torch_dense(features, in_features=c, use_bias=use_bias, name=name, dtype=self.dtype)
+            return dense(features, use_bias=use_bias, name=name, dtype=self.dtype)
+
+        qkv = linear(3 * c, self.qkv_bias, "qkv")(x)
         q, k, v = split_heads(qkv, 3, self.num_heads)
         scale = self.qk_scale if self.qk_scale is not None else head_dim**-0.5
         sow = (lambda p: self.sow("intermediates", "attn_probs", p)) if self.sow_probs else None
         out = dot_product_attention(q, k, v, scale, nn.Dropout(self.attn_drop), train, sow)
         out = out.reshape(*lead, n, c)
-        out = dense(c, name="proj", dtype=self.dtype)(out)
+        out = linear(c, True, "proj")(out)
         return nn.Dropout(self.proj_drop)(out, deterministic=not train)
 
 

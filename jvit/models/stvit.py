@@ -1,0 +1,464 @@
+"""STViT: vision transformer with super token sampling.
+
+H. Huang, X. Zhou, J. Cao, R. He, T. Tan. "Vision Transformer with Super Token Sampling", CVPR 2023
+(arXiv 2211.11167). The README of the original code calls the models SViT-S/B/L.
+
+A four-stage hierarchical, fully convolutional network (no class token, no position tables)::
+
+    image -> conv stem (stride 4)
+          -> 4 stages of blocks [CPE -> x + STA(LN(x)) -> x + ConvFFN(BN(x))], PatchMerging between stages
+          -> 1x1 conv to 1024 -> BN -> SiLU -> global average pool -> Linear
+
+Super token attention (STA; the paper's method section) runs global attention over a few "super tokens"
+instead of all tokens, in three steps:
+
+1. super token sampling (STS): the token grid is cut into s x s cells, one super token per cell,
+   initialised as the cell mean. Each token is softly associated with the super tokens of its own
+   and the 8 surrounding cells (a 9-way softmax of scaled dot products); each super token becomes
+   the association-weighted mean of the tokens associated with it. This association is sparse
+   (9 entries per token) and carries no gradient;
+2. multi-head self-attention among the super tokens;
+3. token upsampling (TU): every token receives the association-weighted sum of its 9 refined
+   super tokens.
+
+Stages whose super-token size is 1 (the last two in every official model) use plain global
+multi-head self-attention over all tokens instead.
+
+Resolution: nothing depends on the input size, so one set of weights runs at any ``H x W`` (the
+384 models are the 224 architectures fine-tuned). ``img_size`` only sets the dummy input used to
+initialise variables and names the resolution of the released weights; inputs of any other
+(also non-square) size are accepted. Token grids that are not a multiple of the super-token size
+are zero-padded at the bottom/right inside STA and cropped back, exactly as the original.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jvit.models.layers import (
+    Attention,
+    DepthwiseConv2d,
+    DropPath,
+    Dtype,
+    batch_norm,
+    check_image,
+    conv2d,
+    dense,
+    drop_path_rates,
+    gelu,
+    layer_norm,
+    torch_dense,
+)
+from jvit.registry import PretrainedCfg, register_model
+
+# ---------------------------------------------------------------------------------------------
+# The 3x3 super-token neighbourhood: static pads and shifted slices, no gathers or loops over positions
+# ---------------------------------------------------------------------------------------------
+
+# Neighbour k of a cell sits at offset (dy, dx) = (k // 3 - 1, k % 3 - 1): row-major over the 3x3
+# window, the order of the original's one-hot unfold kernels.
+NEIGHBOURS: tuple[tuple[int, int], ...] = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+
+
+def _pad_grid(t: jax.Array) -> jax.Array:
+    """Zero-pad the two grid axes (1 and 2) of ``[B, hh, ww, ...]`` by one cell on each side."""
+    return jnp.pad(t, ((0, 0), (1, 1), (1, 1)) + ((0, 0),) * (t.ndim - 3))
+
+
+def unfold_neighbours(t: jax.Array) -> jax.Array:
+    """Gather every cell's 3x3 neighbourhood: ``[B, hh, ww, ...]`` -> ``[B, hh, ww, 9, ...]``.
+
+    ``out[:, a, b, k] = t[:, a + dy_k, b + dx_k]``, and zero where that cell is outside the grid
+    (the original's ``Unfold``: a conv with the 9 one-hot 3x3 kernels, padding 1).
+    """
+    hh, ww = t.shape[1:3]
+    tp = _pad_grid(t)
+    return jnp.stack([tp[:, 1 + dy : 1 + dy + hh, 1 + dx : 1 + dx + ww] for dy, dx in NEIGHBOURS], axis=3)
+
+
+def fold_neighbours(t: jax.Array) -> jax.Array:
+    """The adjoint of :func:`unfold_neighbours`: ``[B, hh, ww, 9, ...]`` -> ``[B, hh, ww, ...]``.
+
+    Each cell's value for neighbour k is sent to that neighbour and summed there:
+    ``out[:, m] = sum_k t[:, m - offset_k, k]``; values sent outside the grid are dropped (the
+    original's ``Fold``, a transposed conv with the same kernels).
+    """
+    hh, ww = t.shape[1:3]
+    tp = _pad_grid(t)
+    return sum(tp[:, 1 - dy : 1 - dy + hh, 1 - dx : 1 - dx + ww, k] for k, (dy, dx) in enumerate(NEIGHBOURS))
+
+
+def to_cells(x: jax.Array, s: int) -> jax.Array:
+    """``[B, hh*s, ww*s, C]`` -> ``[B, hh, ww, s*s, C]``: the pixels of each s x s cell, row-major."""
+    b, h, w, c = x.shape
+    x = x.reshape(b, h // s, s, w // s, s, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h // s, w // s, s * s, c)
+
+
+def from_cells(x: jax.Array, s: int) -> jax.Array:
+    """Inverse of :func:`to_cells`: ``[B, hh, ww, s*s, C]`` -> ``[B, hh*s, ww*s, C]``."""
+    b, hh, ww, _, c = x.shape
+    return x.reshape(b, hh, ww, s, s, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, hh * s, ww * s, c)
+
+
+def associate(pixels: jax.Array, stokens: jax.Array, scale: float) -> tuple[jax.Array, jax.Array]:
+    """Pixel-to-super-token association (STS): ``(A [B, hh, ww, s*s, 9], Z [B, hh, ww])``.
+
+    ``A[n, p, k] = softmax_k(scale * <pixel p of cell n, super token of neighbour k of n>)``. Out-of-grid
+    neighbours are zero vectors: they take part in the softmax with logit 0 and soak up mass (no
+    masking, as in the original). ``Z`` is each super token's total association (the column sums
+    of the sparse association map), gathered from the 3x3 cells around it.
+    """
+    logits = jnp.einsum("bhwpc,bhwkc->bhwpk", pixels, unfold_neighbours(stokens)) * scale
+    affinity = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    return affinity, fold_neighbours(affinity.sum(axis=3))
+
+
+def sample_stokens(pixels: jax.Array, affinity: jax.Array, colsum: jax.Array) -> jax.Array:
+    """Super tokens as association-weighted means of their pixels: ``[B, hh, ww, C]``."""
+    num = fold_neighbours(jnp.einsum("bhwpk,bhwpc->bhwkc", affinity.astype(pixels.dtype), pixels))
+    return num / (colsum[..., None] + 1e-12).astype(num.dtype)
+
+
+class SuperTokenAttention(nn.Module):
+    """Super token attention (STA), the original's ``StokenAttention``, on ``[B, H, W, C]``.
+
+    With ``stoken_size`` s > 1::
+
+        X  = zero-pad(x) to multiples of s (bottom/right)        (padded pixels are zero vectors)
+        S0 = mean of each s x s cell of X
+        repeat n_iter times (no gradient):  A, Z = associate(X, S);  S = fold(A^T X) / (Z + 1e-12)
+                                            (the last repetition keeps A, Z but not the update)
+        S  = fold(A^T X) / (Z + 1e-12)                           (gradient through X only)
+        S' = MHSA(S)                                             (scale head_dim^-0.5)
+        y  = crop(A unfold(S'))                                  (gradient through S' only)
+
+    with association scale ``C^-0.5`` (full width). With s == 1, plain global MHSA over all H*W
+    tokens. A and Z carry no gradient (``stop_gradient``), like the original's ``no_grad``.
+
+    Intermediates sown (s > 1): ``stokens_init``, ``affinity`` ``[B, Hp, Wp, 9]`` (neighbour k of
+    pixel (y, x) is cell (y//s + dy_k, x//s + dx_k)), ``affinity_colsum`` ``[B, hh, ww, 1]``,
+    ``stokens``, ``stokens_refined``.
+    """
+
+    stoken_size: int
+    n_iter: int
+    num_heads: int
+    qkv_bias: bool = True
+    qk_scale: float | None = None
+    attn_drop: float = 0.0
+    proj_drop: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        b, h, w, c = x.shape
+        refine = Attention(
+            self.num_heads, self.qkv_bias, self.qk_scale, self.attn_drop, self.proj_drop,
+            torch_init=True, dtype=self.dtype, name="stoken_refine",
+        )
+        s = self.stoken_size
+        if s == 1:
+            return refine(x.reshape(b, h * w, c), train).reshape(b, h, w, c)
+        if self.n_iter < 1:
+            raise ValueError(f"n_iter must be >= 1 for super-token stages, got {self.n_iter}")
+
+        pad_b, pad_r = -h % s, -w % s
+        pixels = to_cells(jnp.pad(x, ((0, 0), (0, pad_b), (0, pad_r), (0, 0))), s)
+        hh, ww = pixels.shape[1:3]
+
+        # The association is a constant for autodiff (the original runs it under no_grad).
+        const_pixels = jax.lax.stop_gradient(pixels)
+        stokens = const_pixels.mean(axis=3)
+        self.sow("intermediates", "stokens_init", stokens)
+        for it in range(self.n_iter):
+            affinity, colsum = associate(const_pixels, stokens, c**-0.5)
+            if it < self.n_iter - 1:
+                stokens = sample_stokens(const_pixels, affinity, colsum)
+        affinity, colsum = jax.lax.stop_gradient((affinity, colsum))
+        if self.is_mutable_collection("intermediates"):
+            self.sow("intermediates", "affinity", from_cells(affinity, s))
+            self.sow("intermediates", "affinity_colsum", colsum[..., None])
+
+        stokens = sample_stokens(pixels, affinity, colsum)
+        self.sow("intermediates", "stokens", stokens)
+        stokens = refine(stokens.reshape(b, hh * ww, c), train).reshape(b, hh, ww, c)
+        self.sow("intermediates", "stokens_refined", stokens)
+
+        out = jnp.einsum("bhwkc,bhwpk->bhwpc", unfold_neighbours(stokens), affinity.astype(stokens.dtype))
+        return from_cells(out, s)[:, :h, :w]
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks
+# ---------------------------------------------------------------------------------------------
+
+
+class ResDWC(nn.Module):
+    """Residual depthwise 3x3 convolution ``x + DWConv3x3(x)`` (the conditional position encoding
+    of Chu et al., 2021, used as STViT's CPE and inside its ConvFFN)."""
+
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x + DepthwiseConv2d(3, dtype=self.dtype, name="conv")(x)
+
+
+class ConvFFN(nn.Module):
+    """STViT's ConvFFN: ``fc2(ResDWC(drop(GELU(fc1(x)))))`` with 1x1-conv ``fc1``/``fc2`` (the
+    original's ``Mlp``); the depthwise conv on the hidden width adds locality to the FFN."""
+
+    hidden_features: int
+    drop: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        c = x.shape[-1]
+        x = torch_dense(self.hidden_features, in_features=c, name="fc1", dtype=self.dtype)(x)
+        x = nn.Dropout(self.drop)(gelu(x), deterministic=not train)
+        x = ResDWC(dtype=self.dtype, name="conv")(x)
+        x = torch_dense(c, in_features=self.hidden_features, name="fc2", dtype=self.dtype)(x)
+        return nn.Dropout(self.drop)(x, deterministic=not train)
+
+
+class STBlock(nn.Module):
+    """One STViT block (the original's ``StokenAttentionLayer``)::
+
+        x = x + DWConv3x3(x)                                  (CPE: rewrites the stream)
+        x = x + DropPath(gamma_1 * STA(LN(x)))                (LayerNorm eps 1e-6)
+        x = x + DropPath(gamma_2 * ConvFFN(BN(x)))            (BatchNorm, not LN)
+
+    ``gamma_1``/``gamma_2`` (layer scale, per channel) exist only when ``layerscale`` is set.
+    Intermediates sown: ``pos_embed_out``, ``norm1_out``, ``sta_out``, ``out`` (and STA's).
+    """
+
+    stoken_size: int
+    n_iter: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    qk_scale: float | None = None
+    drop: float = 0.0
+    attn_drop: float = 0.0
+    drop_path: float = 0.0
+    layerscale: bool = False
+    init_values: float = 1e-6
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        c = x.shape[-1]
+        drop_path = DropPath(self.drop_path)
+        if self.layerscale:
+            gamma_1 = self.param("gamma_1", nn.initializers.constant(self.init_values), (c,))
+            gamma_2 = self.param("gamma_2", nn.initializers.constant(self.init_values), (c,))
+        else:
+            gamma_1 = gamma_2 = 1.0
+
+        x = ResDWC(dtype=self.dtype, name="pos_embed")(x)
+        self.sow("intermediates", "pos_embed_out", x)
+        y = layer_norm(1e-6, name="norm1", dtype=self.dtype)(x)
+        self.sow("intermediates", "norm1_out", y)
+        y = SuperTokenAttention(
+            self.stoken_size, self.n_iter, self.num_heads, self.qkv_bias, self.qk_scale, self.attn_drop,
+            self.drop, dtype=self.dtype, name="attn",
+        )(y, train)
+        self.sow("intermediates", "sta_out", y)
+        x = x + drop_path(gamma_1 * y, train)
+        y = batch_norm(train, 1e-5, 0.1, name="norm2", dtype=self.dtype)(x)
+        y = ConvFFN(int(c * self.mlp_ratio), self.drop, dtype=self.dtype, name="mlp2")(y, train)
+        x = x + drop_path(gamma_2 * y, train)
+        self.sow("intermediates", "out", x)
+        return x
+
+
+class PatchEmbed(nn.Module):
+    """Conv stem, stride 4: ``[conv3x3 -> GELU -> BN] x 4`` with strides 2, 1, 2, 1 and widths
+    C/2, C/2, C, C. The activation comes BEFORE the norm. Names follow the original Sequential."""
+
+    embed_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        widths = (self.embed_dim // 2, self.embed_dim // 2, self.embed_dim, self.embed_dim)
+        for i, (width, stride) in enumerate(zip(widths, (2, 1, 2, 1))):
+            x = conv2d(width, 3, in_features=x.shape[-1], stride=stride, padding=1, name=f"proj_{3 * i}",
+                       dtype=self.dtype)(x)
+            x = batch_norm(train, 1e-5, 0.1, name=f"proj_{3 * i + 2}", dtype=self.dtype)(gelu(x))
+        return x
+
+
+class PatchMerging(nn.Module):
+    """Downsampling between stages: conv3x3 stride 2 (padding 1) -> BN, no activation."""
+
+    out_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = conv2d(self.out_dim, 3, in_features=x.shape[-1], stride=2, padding=1, name="proj_0", dtype=self.dtype)(x)
+        return batch_norm(train, 1e-5, 0.1, name="proj_1", dtype=self.dtype)(x)
+
+
+class Stage(nn.Module):
+    """``depth`` STViT blocks, then an optional :class:`PatchMerging` to ``out_dim`` (the original's
+    ``BasicLayer``). Intermediates sown: ``blocks_out``, ``downsampled``."""
+
+    depth: int
+    stoken_size: int
+    n_iter: int
+    num_heads: int
+    drop_paths: tuple[float, ...]
+    out_dim: int | None = None
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    qk_scale: float | None = None
+    drop: float = 0.0
+    attn_drop: float = 0.0
+    layerscale: bool = False
+    init_values: float = 1e-6
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        for j in range(self.depth):
+            x = STBlock(
+                self.stoken_size, self.n_iter, self.num_heads, self.mlp_ratio, self.qkv_bias, self.qk_scale,
+                self.drop, self.attn_drop, self.drop_paths[j], self.layerscale, self.init_values,
+                dtype=self.dtype, name=f"blocks_{j}",
+            )(x, train)
+        self.sow("intermediates", "blocks_out", x)
+        if self.out_dim is not None:
+            x = PatchMerging(self.out_dim, dtype=self.dtype, name="downsample")(x, train)
+            self.sow("intermediates", "downsampled", x)
+        return x
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+
+class STViT(nn.Module):
+    """Super Token Vision Transformer (the paper's overall architecture): stem, four stages, conv/BN/SiLU head.
+
+    Takes normalised NHWC images of any size (see the module docstring; ``img_size`` is the
+    default/initialisation resolution) and returns float32 logits ``[B, num_classes]``, or the
+    pooled features ``[B, projection]`` when ``num_classes == 0``.
+
+    Attributes mirror the original constructor: per-stage ``embed_dim``, ``depths``, ``num_heads``,
+    ``n_iter`` (association iterations), ``stoken_size`` (super-token cell side; 1 = global MHSA),
+    ``layerscale`` (with ``init_values``); ``projection`` is the head's 1x1-conv width.
+
+    Intermediates sown: ``patch_embed_out``, per stage/block those of :class:`Stage`, :class:`STBlock` and
+    :class:`SuperTokenAttention`, ``head_act`` (before pooling) and ``features``.
+    """
+
+    num_classes: int
+    embed_dim: Sequence[int]
+    depths: Sequence[int]
+    num_heads: Sequence[int]
+    n_iter: Sequence[int] = (1, 1, 1, 1)
+    stoken_size: Sequence[int] = (8, 4, 1, 1)
+    projection: int = 1024
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    qk_scale: float | None = None
+    layerscale: Sequence[bool] = (False, False, False, False)
+    init_values: float = 1e-6
+    img_size: int | tuple[int, int] = 224
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    def _check_config(self) -> None:
+        fields = ("embed_dim", "depths", "num_heads", "n_iter", "stoken_size", "layerscale")
+        lengths = {f: len(getattr(self, f)) for f in fields}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"per-stage settings must have one entry per stage; got lengths {lengths}")
+        for i, (dim, heads) in enumerate(zip(self.embed_dim, self.num_heads)):
+            if dim % heads:
+                raise ValueError(f"stage {i}: embed_dim {dim} is not divisible by num_heads {heads}")
+        if any(s < 1 for s in self.stoken_size):
+            raise ValueError(f"stoken_size entries must be >= 1, got {tuple(self.stoken_size)}")
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+        """Images ``[B, H, W, 3]`` (normalised, NHWC, any H and W) -> logits ``[B, num_classes]``."""
+        self._check_config()
+        check_image(images, None, type(self).__name__)
+        x = PatchEmbed(self.embed_dim[0], dtype=self.dtype, name="patch_embed")(images.astype(self.dtype), train)
+        self.sow("intermediates", "patch_embed_out", x)
+        x = nn.Dropout(self.drop_rate)(x, deterministic=not train)
+
+        rates = drop_path_rates(self.drop_path_rate, sum(self.depths))
+        num_stages = len(self.depths)
+        for i in range(num_stages):
+            start = sum(self.depths[:i])
+            x = Stage(
+                self.depths[i], self.stoken_size[i], self.n_iter[i], self.num_heads[i],
+                tuple(rates[start : start + self.depths[i]]),
+                out_dim=self.embed_dim[i + 1] if i + 1 < num_stages else None,
+                mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias, qk_scale=self.qk_scale, drop=self.drop_rate,
+                attn_drop=self.attn_drop_rate, layerscale=self.layerscale[i], init_values=self.init_values,
+                dtype=self.dtype, name=f"layers_{i}",
+            )(x, train)
+
+        x = torch_dense(self.projection, in_features=x.shape[-1], name="proj", dtype=self.dtype)(x)
+        x = nn.silu(batch_norm(train, 1e-5, 0.1, name="norm", dtype=self.dtype)(x))
+        self.sow("intermediates", "head_act", x)
+        features = x.astype(jnp.float32).mean(axis=(1, 2))
+        self.sow("intermediates", "features", features)
+        if self.num_classes == 0:
+            return features
+        return dense(self.num_classes, name="head", dtype=jnp.float32)(features)
+
+
+# ---------------------------------------------------------------------------------------------
+# Official variants (spec: stoken_size (8, 4, 1, 1), n_iter 1, projection 1024, mlp_ratio 4)
+# ---------------------------------------------------------------------------------------------
+
+
+def _cfgs(name: str) -> tuple[PretrainedCfg, PretrainedCfg]:
+    """Eval transforms of the released weights: 224 resizes to 256 then crops (crop_pct 0.875);
+    384 resizes straight to 384 (crop_pct 1.0); bicubic, ImageNet mean/std; weights in ``'model'``."""
+    stem = name.replace("_", "-")
+    return (
+        PretrainedCfg(img_size=224, crop_pct=0.875, weights_keys=("model",), files=(f"{stem}-224.pth",)),
+        PretrainedCfg(img_size=384, crop_pct=1.0, weights_keys=("model",), files=(f"{stem}-384.pth",)),
+    )
+
+
+# name: (embed_dim, depths, num_heads, layerscale, init_values)
+_VARIANTS: dict[str, tuple[Any, ...]] = {
+    "stvit_small": ((64, 128, 320, 512), (3, 5, 9, 3), (1, 2, 5, 8), (False,) * 4, 1e-5),
+    "stvit_base": ((96, 192, 384, 512), (4, 6, 14, 6), (2, 3, 6, 8), (False, False, True, True), 1e-6),
+    "stvit_large": ((96, 192, 448, 640), (4, 7, 19, 8), (2, 3, 7, 10), (False, False, True, True), 1e-6),
+}
+
+
+def _register(name: str, spec: tuple[Any, ...]) -> None:
+    dims, depths, heads, layerscale, init_values = spec
+
+    @register_model(name, "stvit", _cfgs(name))
+    def factory(num_classes: int, img_size: int, **kwargs) -> STViT:
+        kw: dict[str, Any] = dict(
+            embed_dim=dims, depths=depths, num_heads=heads, layerscale=layerscale, init_values=init_values
+        )
+        kw.update(kwargs)
+        return STViT(num_classes=num_classes, img_size=img_size, **kw)
+
+    factory.__name__ = name
+    factory.__doc__ = f"{name}: widths {dims}, depths {depths}, heads {heads}, layer scale {layerscale}."
+
+
+for _name, _spec in _VARIANTS.items():
+    _register(_name, _spec)
