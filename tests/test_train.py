@@ -146,6 +146,12 @@ def test_recipe_configs_load_validate_and_carry_the_spec_recipe():
         assert h.model.name == name and (h.batch_size, h.optimizer.lr, h.optimizer.lr_base_batch_size) == (1024, 5e-4, 512)
         assert h.optimizer.weight_decay == 0.025 and "pos_embed$" in h.optimizer.wd_exclude
         assert h.ema.decay == 0 and h.augment.repeated_aug == 3 and h.seed == 0 and h.cooldown_epochs == 0
+    # stvit.md section 7: 1024 images, lr 5e-4 per 512, wd 0.05, drop path 0.1 / 0.4 / 0.6, EMA, RA x3, seed 0.
+    for name, drop_path in (("stvit_small", 0.1), ("stvit_base", 0.4), ("stvit_large", 0.6)):
+        t = load_config(name)
+        assert t.model.name == name and (t.batch_size, t.optimizer.lr, t.optimizer.lr_base_batch_size) == (1024, 5e-4, 512)
+        assert t.optimizer.weight_decay == 0.05 and t.model.kwargs.drop_path_rate == drop_path
+        assert t.ema.decay == 0.99996 and t.augment.repeated_aug == 3 and t.seed == 0 and t.cooldown_epochs == 0
 
 
 def test_weight_decay_mask_and_schedule():
@@ -155,6 +161,13 @@ def test_weight_decay_mask_and_schedule():
     assert mask["cls_token"] and mask["blocks_0/attn/qkv/kernel"]  # timm decays the 3-D cls_token
     assert not mask["blocks_0/attn/proj/bias"] and not mask["norm/scale"]
     assert not mask["classifier/pooling/svpn/weight"]  # 1-D start vector
+    # STViT's layer scales are (1, C, 1, 1) in PyTorch, so timm decays them; jvit stores them 1-D.
+    t = load_config("stvit_base")
+    params = jvit.utils.abstract_variables(jvit.create_model("stvit_base", img_size=64))["params"]
+    mask = {optim.param_path(p): m for p, m in jax.tree_util.tree_leaves_with_path(optim.weight_decay_mask(params, t))}
+    assert mask["layers_2/blocks_0/gamma_1"] and mask["layers_3/blocks_5/gamma_2"]
+    assert not any(m for name, m in mask.items() if name.endswith(("bias", "scale")))
+    assert sum(mask.values()) == sum(len(x.shape) > 1 for x in jax.tree.leaves(params)) + 2 * (14 + 6)
     # timm CosineLRScheduler per epoch: warmup from 1e-6, cosine to min_lr over 300 epochs, cooldown.
     schedule = optim.lr_schedule(c, updates_per_epoch=10)
     assert float(schedule(0)) == pytest.approx(1e-6)

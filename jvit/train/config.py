@@ -95,6 +95,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.optimizer.weight_decay = 0.0
     c.optimizer.wd_exclude_1d = True  # no decay on 1-D params (biases, norm scales)
     c.optimizer.wd_exclude = ("bias$",)  # regexes (re.search) on 'a/b/c' param paths: no decay
+    c.optimizer.wd_include = ()  # regexes: decay even if 1-D (params 1-D here but N-D in the original)
     c.optimizer.clip_grad_norm = 0.0  # 0: off
     c.optimizer.warmup_epochs = 0.0
     c.optimizer.warmup_lr = 1e-6
@@ -209,11 +210,12 @@ def _value_errors(c: ml_collections.ConfigDict) -> list[str]:
     check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"optimizer.b1={o.b1}, b2={o.b2} must be in [0, 1)")
     check(o.eps > 0, f"optimizer.eps={o.eps} must be positive")
     check(o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay} must be >= 0")
-    for pattern in o.wd_exclude:
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            errors.append(f"optimizer.wd_exclude entry {pattern!r} is not a regex: {e}")
+    for field in ("wd_exclude", "wd_include"):
+        for pattern in o[field]:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                errors.append(f"optimizer.{field} entry {pattern!r} is not a regex: {e}")
     check(o.clip_grad_norm >= 0, f"optimizer.clip_grad_norm={o.clip_grad_norm} must be >= 0")
     check(o.warmup_epochs >= 0, f"optimizer.warmup_epochs={o.warmup_epochs} must be >= 0")
     check(o.warmup_lr >= 0 and o.min_lr >= 0,

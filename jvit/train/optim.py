@@ -60,15 +60,20 @@ def param_path(path: tuple[Any, ...]) -> str:
 
 def weight_decay_mask(params: Any, config: ml_collections.ConfigDict) -> Any:
     """``True`` where weight decay applies: not 1-D (if ``wd_exclude_1d``) and no ``wd_exclude``
-    regex matching the parameter's path (timm's ``add_weight_decay`` + ``no_weight_decay()``)."""
+    regex matching the parameter's path (timm's ``add_weight_decay`` + ``no_weight_decay()``).
+
+    A ``wd_include`` regex overrides the 1-D rule: it names parameters that jvit stores 1-D but the
+    original stores N-D, so timm decayed them (STViT's layer scale is ``(1, C, 1, 1)`` in PyTorch).
+    """
     o = config.optimizer
-    patterns = [re.compile(p) for p in o.wd_exclude]
+    exclude = [re.compile(p) for p in o.wd_exclude]
+    include = [re.compile(p) for p in o.wd_include]
 
     def decays(path, x) -> bool:
-        if o.wd_exclude_1d and len(x.shape) <= 1:
-            return False
         name = param_path(path)
-        return not any(p.search(name) for p in patterns)
+        if o.wd_exclude_1d and len(x.shape) <= 1 and not any(p.search(name) for p in include):
+            return False
+        return not any(p.search(name) for p in exclude)
 
     return jax.tree_util.tree_map_with_path(decays, params)
 
