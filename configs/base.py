@@ -2,7 +2,8 @@
 
 An experiment file is a few lines: start from :func:`imagenet`, apply the recipe its original
 used with that paper's numbers, and :func:`finish` it. Where every variant of a family shares one
-recipe, it is a function here (:func:`hvt_recipe`, :func:`stvit_recipe`) and the variant files only name the model.
+recipe, it is a function here (:func:`sot_recipe`, :func:`hvt_recipe`,
+:func:`stvit_recipe`, :func:`spvit_recipe`) and the variant files only name the model.
 """
 
 from __future__ import annotations
@@ -40,11 +41,13 @@ def timm_recipe(
     label_smoothing: float = 0.1,
     wd_exclude: tuple[str, ...] = ("bias$",),
     seed: int = 42,
+    mixup: bool = True,
 ) -> ml_collections.ConfigDict:
     """The optimisation recipe every original shares (timm ``create_optimizer`` + ``CosineLRScheduler``):
     AdamW (0.9, 0.999, eps 1e-8), no decay on 1-D params and ``wd_exclude`` names, warmup from
     ``warmup_lr`` then cosine to ``min_lr`` stepped per epoch, label smoothing, drop path, optional
-    EMA of the whole state (timm ``ModelEma``), and the DeiT augmentation (:func:`deit_augment`)."""
+    EMA of the whole state (timm ``ModelEma``), and the DeiT augmentation (:func:`deit_augment`, with
+    or without Mixup/CutMix)."""
     c.seed = seed
     c.batch_size = batch_size
     c.num_epochs = epochs
@@ -61,7 +64,7 @@ def timm_recipe(
     c.ema.decay, c.ema.batch_stats = ema_decay, True
     c.checkpoint.every_steps = 2000
     c.log_every_steps = 100
-    return deit_augment(c)
+    return deit_augment(c, mixup=mixup)
 
 
 def deit_augment(c: ml_collections.ConfigDict, *, repeated_aug: int = 0, mixup: bool = True) -> ml_collections.ConfigDict:
@@ -75,6 +78,16 @@ def deit_augment(c: ml_collections.ConfigDict, *, repeated_aug: int = 0, mixup: 
         a.mixup_alpha, a.cutmix_alpha, a.mixup_prob, a.mixup_switch_prob = 0.8, 1.0, 1.0, 0.5
     a.repeated_aug = repeated_aug
     return c
+
+
+def sot_recipe(model: str, *, batch_size: int, lr: float, weight_decay: float) -> ml_collections.ConfigDict:
+    """SoT's and So-ViT's ImageNet recipe (Xie et al., arXiv 2104.10935; the original's main.py + scripts,
+    sot.md section 10): AdamW at the variant's batch, lr (not rescaled with the batch) and weight decay,
+    no decay on 1-D params and biases, 5 warmup epochs from 1e-6, cosine to 1e-5 per epoch over 300 epochs
+    + 10 cooldown, label smoothing 0.1, drop path 0.1, EMA 0.99996 over the whole state (the reported
+    numbers are the EMA model's), seed 42."""
+    return timm_recipe(imagenet(model), batch_size=batch_size, lr=lr, weight_decay=weight_decay, drop_path=0.1,
+                       ema_decay=0.99996, cooldown_epochs=10)
 
 
 def hvt_recipe(model: str) -> ml_collections.ConfigDict:
@@ -99,6 +112,27 @@ def stvit_recipe(model: str, drop_path: float) -> ml_collections.ConfigDict:
                     drop_path=drop_path, ema_decay=0.99996, seed=0)
     c.optimizer.wd_include = ("gamma_[12]$",)
     c.augment.repeated_aug = 3
+    return c
+
+
+def spvit_recipe(model: str, *, batch_size: int, lr: float, drop_path: float,
+                 rand_augment: str = "rand-m9-mstd0.5-inc1") -> ml_collections.ConfigDict:
+    """SP-ViT's ImageNet recipe (Zhou et al., "SP-ViT: Learning 2D Spatial Priors for Vision
+    Transformers", BMVC 2022; LV-ViT's main.py + scripts, spvit.md section 6): AdamW at the variant's
+    batch and lr (not rescaled), weight decay 0.05 except 1-D params, biases, ``pos_embed`` and
+    ``cls_token``, 5 warmup epochs from 1e-6, cosine to 1e-5 per epoch over 300 epochs + 10 cooldown,
+    label smoothing 0.1, EMA 0.99992 (the reported numbers are the EMA model's), no Mixup/CutMix but
+    MixToken, seed 42, and the token-labeling loss.
+
+    The original's token labels are dense score maps of an NFNet-F6 teacher; this trainer has no
+    dense targets yet, so ``loss.token_label`` gives every token the image label (the original's
+    ``--token-label`` without ``--token-label-data``)."""
+    c = timm_recipe(imagenet(model), batch_size=batch_size, lr=lr, weight_decay=0.05, drop_path=drop_path,
+                    ema_decay=0.99992, cooldown_epochs=10, wd_exclude=("bias$", "pos_embed$", "cls_token$"),
+                    mixup=False)
+    c.loss.name = "token_label"
+    c.augment.rand_augment = rand_augment
+    c.augment.mix_token = True
     return c
 
 

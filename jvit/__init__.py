@@ -14,6 +14,7 @@ from jvit.registry import (
     get_pretrained_cfg,
     list_models,
     register_model,
+    register_variant,
 )
 from jvit.utils import count_params, init_variables
 
@@ -26,5 +27,6 @@ __all__ = [
     "init_variables",
     "list_models",
     "register_model",
+    "register_variant",
 ]
 __version__ = "0.1.0"

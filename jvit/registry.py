@@ -1,6 +1,7 @@
 """Model registry: every official variant by name, with the facts needed to use its released weights.
 
-A family module registers a factory with :func:`register_model`; users call :func:`create_model`.
+A family module registers each official variant with :func:`register_variant` (or any factory with
+:func:`register_model`); users call :func:`create_model`.
 The contract the rest of jvit (and its users) rely on::
 
     model = jvit.create_model("sot_tiny", num_classes=1000, img_size=224)   # a flax.linen.Module
@@ -77,6 +78,24 @@ def register_model(
         return factory
 
     return wrap
+
+
+def register_variant(
+    name: str,
+    family: str,
+    pretrained_cfgs: PretrainedCfg | tuple[PretrainedCfg, ...],
+    module: Callable[..., nn.Module],
+    **config,
+) -> None:
+    """Register ``name`` as ``module(num_classes=..., img_size=..., **config)``: an official variant is
+    its family's module with fixed hyper-parameters; ``create_model``'s keyword overrides replace them."""
+
+    def factory(num_classes: int, img_size: int, **overrides) -> nn.Module:
+        return module(num_classes=num_classes, img_size=img_size, **{**config, **overrides})
+
+    factory.__name__ = name
+    factory.__doc__ = f"{name}: {module.__name__}({', '.join(f'{k}={v!r}' for k, v in config.items())})"
+    register_model(name, family, pretrained_cfgs)(factory)
 
 
 def list_models(family: str | None = None) -> list[str]:

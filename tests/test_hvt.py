@@ -10,16 +10,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 import torch
 from flax import traverse_util
 from parity import apply_with_intermediates, assert_parity, load_case, nchw_to_nhwc
+from steps import images, sgd_step
 
 import jvit
 import jvit.convert
 from jvit.convert import hvt as hvt_rules
-from jvit.models.hvt import HVT, max_pool_tokens, pooled_length
+from jvit.models.hvt import max_pool_tokens, pooled_length
 from jvit.utils import abstract_variables, count_params
 
 CASES = ["reduced_pool3", "reduced_cifar32", "reduced_k2_every", "reduced_nopool", "hvt_ti_1"]
@@ -206,32 +206,15 @@ def test_no_head_returns_features():
 # ---------------------------------------------------------------------------------------------
 
 
-def sgd_step(model: HVT):
-    """A train-mode SGD step (dropout and drop path active) returning (loss, grads, new params)."""
-    x = jax.random.normal(jax.random.key(1), (2, model.img_size, model.img_size, 3))
-    y = jnp.array([3, 7])
-
-    def step(params, rng):
-        def loss_fn(p):
-            logits = model.apply({"params": p}, x, train=True, rngs={"dropout": rng})
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        return loss, grads, jax.tree.map(lambda p, g: p - 0.01 * g, params, grads)
-
-    return step, x
-
-
 @pytest.mark.parametrize("name", sorted(PARAM_COUNTS))
 def test_train_step_traces(name):
     """Every variant's train step traces end to end with consistent shapes (no compile: cheap)."""
     model = jvit.create_model(name, num_classes=10, drop_rate=0.1, drop_path_rate=0.1)
-    params = abstract_variables(model)["params"]
-    step, _ = sgd_step(model)
-    loss, grads, new = jax.eval_shape(step, params, jax.random.key(0))
+    variables = abstract_variables(model)
+    loss, grads, new = jax.eval_shape(sgd_step(model, images(model)), variables, jax.random.key(0))
     assert loss.shape == ()
-    assert jax.tree.map(lambda a: a.shape, grads) == jax.tree.map(lambda a: a.shape, params)
-    assert jax.tree.structure(new) == jax.tree.structure(params)
+    assert jax.tree.map(lambda a: a.shape, grads) == jax.tree.map(lambda a: a.shape, variables["params"])
+    assert jax.tree.structure(new) == jax.tree.structure(variables)
 
 
 @pytest.fixture(scope="module")
@@ -243,18 +226,17 @@ def fresh_ti1():
 def test_jit_forward_and_train_step_smallest(fresh_ti1):
     """HVT-Ti-1 from fresh init: jitted forward, one jitted SGD step in train mode with drop path."""
     model, variables = fresh_ti1
-    params = variables["params"]
     assert set(variables) == {"params"}  # no batch stats, no frozen tables
-    step, x = sgd_step(model)
+    x = images(model)
     logits = jax.jit(model.apply)(variables, x)
     assert logits.shape == (2, 10) and np.isfinite(logits).all()
-    loss, grads, new = jax.jit(step)(params, jax.random.key(2))
+    loss, grads, new = jax.jit(sgd_step(model, x))(variables, jax.random.key(2))
     assert np.isfinite(loss) and abs(float(loss) - np.log(10)) < 1.0  # fresh init: near-uniform logits
     assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
     # Both the global and the stage pos-embed learn; the stage one only sees the 97 pooled tokens.
     assert np.abs(grads["pos_embed"]).sum() > 0
     assert np.abs(grads["blocks_0"]["pos_embed"]).sum() > 0
-    out = jax.jit(model.apply)({"params": new}, x)
+    out = jax.jit(model.apply)(new, x)
     assert np.isfinite(out).all() and np.abs(out - logits).max() > 0
 
 

@@ -7,9 +7,9 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from parity import apply_with_intermediates, assert_parity, load_case, nchw_to_nhwc, tolerance
+from steps import images, sgd_step
 
 import jvit
 import jvit.convert
@@ -121,32 +121,12 @@ def test_param_counts(name):
     assert count_params(v["params"]) + count_params(v["frozen"]) == total
 
 
-def sgd_step(model):
-    """A train-mode SGD step (BN batch stats, dropout, drop path) returning (loss, grads, new variables)."""
-    x = jax.random.normal(jax.random.key(1), (2, model.img_size, model.img_size, 3))
-    y = jnp.array([3, 7])
-
-    def step(variables, rng):
-        def loss_fn(params):
-            logits, updates = model.apply(
-                {**variables, "params": params}, x, train=True, rngs={"dropout": rng}, mutable=["batch_stats"]
-            )
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), updates
-
-        (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
-        params = jax.tree.map(lambda p, g: p - 0.01 * g, variables["params"], grads)
-        return loss, grads, {**variables, **updates, "params": params}
-
-    return step, x
-
-
 @pytest.mark.parametrize("name", sorted(PARAM_COUNTS))
 def test_train_step_traces(name):
     """Every variant's train step traces end to end with consistent shapes (no compile: cheap)."""
     model = jvit.create_model(name, num_classes=10, drop_path_rate=0.1)
     variables = abstract_variables(model)
-    step, _ = sgd_step(model)
-    loss, grads, new = jax.eval_shape(step, variables, jax.random.key(0))
+    loss, grads, new = jax.eval_shape(sgd_step(model, images(model)), variables, jax.random.key(0))
     assert loss.shape == () and count_params(grads) == count_params(variables["params"])
     assert jax.tree.structure(new) == jax.tree.structure(variables)
 
@@ -162,8 +142,8 @@ def test_jit_forward_and_train_step(name):
     """Fresh init, one jitted SGD step in train mode: finite loss and grads, frozen table untouched."""
     model = jvit.create_model(name, num_classes=10, drop_path_rate=0.1)
     variables = jvit.init_variables(model, 0)
-    step, x = sgd_step(model)
-    loss, grads, new = jax.jit(step)(variables, jax.random.key(2))
+    x = images(model)
+    loss, grads, new = jax.jit(sgd_step(model, x))(variables, jax.random.key(2))
     assert np.isfinite(loss)
     assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
     # The svPN start vector and the frozen table: one trains, the other is not a parameter at all.

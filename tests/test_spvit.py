@@ -7,17 +7,19 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
-import optax
 import pytest
 import torch
 from flax import traverse_util
 from parity import assert_parity, load_case, nchw_to_nhwc, tolerance
+from steps import cross_entropy, images, sgd_step
 
 import jvit
 import jvit.convert
 from jvit.convert import ConversionError, convert_state_dict, rules_for
 from jvit.models.spvit import SpatialPriorAttention, TokenLabelOutput, mix_tokens, relative_offsets
+from jvit.train import losses
 from jvit.utils import abstract_variables, count_params
 
 CASES = ["s_like_spsa", "s_like_spsa_hires", "l_like_order", "vit_naive_cls_first"]
@@ -159,6 +161,14 @@ def test_token_label_outputs_feed_the_original_loss():
     assert_parity("aux_logits", out.aux_logits, tl["train_aux_logits"])
     np.testing.assert_allclose(token_label_loss(out, tl["target"], box), tl["loss"], rtol=1e-5)
     np.testing.assert_allclose(token_label_loss(out, tl["target_image_level"], box), tl["loss_image_level"], rtol=1e-5)
+    # The trainer's loss (image-level targets, no MixToken yet) is the same formula with an empty box.
+    no_smoothing = ml_collections.ConfigDict({"label_smoothing": 0.0})
+    per_example = losses.token_label(out, jnp.asarray(tl["target_image_level"]), no_smoothing)
+    assert per_example.shape == (2,)
+    expect = token_label_loss(out, tl["target_image_level"], np.zeros(4, int))
+    np.testing.assert_allclose(float(per_example.mean()), expect, rtol=1e-5)
+    with pytest.raises(TypeError, match="token_label"):
+        losses.softmax_xent(out, jnp.zeros(2, int), no_smoothing)
 
 
 def test_mix_tokens_region_and_inverse():
@@ -364,27 +374,16 @@ def test_configuration_errors_are_named():
 # ---------------------------------------------------------------------------------------------
 
 
-def sgd_step(model, batch: int = 2):
-    """A train-mode SGD step with MixToken and a token-labeling style loss (image label on the
-    class output and on every token) returning (loss, grads, new variables)."""
-    x = jax.random.normal(jax.random.key(1), (batch, model.img_size, model.img_size, 3))
-    y = jnp.arange(batch) % model.num_classes
+def token_label_step(model):
+    """The shared SGD step with MixToken and a token-labeling style loss (the image label on the
+    class output and on every token); returns (step, images)."""
+    x = images(model)
     grid = model.img_size // 16
-    box = jnp.array([0, 1, grid // 2, grid])
 
-    def step(variables, rng):
-        def loss_fn(params):
-            out, updates = model.apply({**variables, "params": params}, x, train=True, mix_box=box,
-                                       rngs={"dropout": rng}, mutable=["batch_stats"])
-            cls = optax.softmax_cross_entropy_with_integer_labels(out.cls_logits, y).mean()
-            aux = optax.softmax_cross_entropy_with_integer_labels(out.aux_logits, y[:, None]).mean()
-            return cls + aux, updates
+    def loss(out, labels):
+        return cross_entropy(out.cls_logits, labels) + cross_entropy(out.aux_logits, labels[:, None])
 
-        (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
-        params = jax.tree.map(lambda p, g: p - 0.01 * g, variables["params"], grads)
-        return loss, grads, {**variables, **updates, "params": params}
-
-    return step, x
+    return sgd_step(model, x, loss, mix_box=jnp.array([0, 1, grid // 2, grid])), x
 
 
 @pytest.mark.parametrize("name", list(SPEC))
@@ -393,7 +392,7 @@ def test_train_step_traces(name):
     (384 differs only in the grid; its forward is traced by test_param_counts.)"""
     model = jvit.create_model(name, num_classes=10, drop_path_rate=0.1)
     variables = abstract_variables(model)
-    step, _ = sgd_step(model)
+    step, _ = token_label_step(model)
     loss, grads, new = jax.eval_shape(step, variables, jax.random.key(0))
     assert loss.shape == () and count_params(grads) == count_params(variables["params"])
     assert jax.tree.structure(new) == jax.tree.structure(variables)
@@ -405,7 +404,7 @@ def test_jit_forward_and_train_step():
     moves the stem BN statistics, and the eval forward stays finite."""
     model = jvit.create_model("spvit_s", num_classes=10, img_size=64, drop_path_rate=0.1)
     variables = jvit.init_variables(model, 0)
-    step, x = sgd_step(model)
+    step, x = token_label_step(model)
     prior = SpatialPriorAttention(384, 6).apply({"params": variables["params"]["blocks_0"]["attn"]}, 4, method="prior")
     np.testing.assert_array_equal(prior, np.ones((6, 16, 16)))
     loss, grads, new = jax.jit(step)(variables, jax.random.key(2))

@@ -9,11 +9,11 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 import torch
 from flax import traverse_util
 from parity import assert_parity, load_case, nchw_to_nhwc
+from steps import sgd_step
 
 import jvit
 import jvit.convert
@@ -264,24 +264,6 @@ def test_bad_input_and_config_are_named():
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
-
-
-def sgd_step(model, x):
-    """A train-mode SGD step (BN batch stats, drop path) returning (loss, grads, new variables)."""
-    y = jnp.arange(x.shape[0]) % 10
-
-    def step(variables, rng):
-        def loss_fn(params):
-            logits, updates = model.apply(
-                {**variables, "params": params}, x, train=True, rngs={"dropout": rng}, mutable=["batch_stats"]
-            )
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), updates
-
-        (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
-        params = jax.tree.map(lambda p, g: p - 0.01 * g, variables["params"], grads)
-        return loss, grads, {**variables, **updates, "params": params}
-
-    return step
 
 
 @pytest.mark.parametrize("name", sorted(SPEC))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import math
 import os
 from pathlib import Path
@@ -146,6 +147,17 @@ def test_recipe_configs_load_validate_and_carry_the_spec_recipe():
         assert h.model.name == name and (h.batch_size, h.optimizer.lr, h.optimizer.lr_base_batch_size) == (1024, 5e-4, 512)
         assert h.optimizer.weight_decay == 0.025 and "pos_embed$" in h.optimizer.wd_exclude
         assert h.ema.decay == 0 and h.augment.repeated_aug == 3 and h.seed == 0 and h.cooldown_epochs == 0
+    # spvit.md section 6: S/M 1024 at 1.6e-3, L 800 at 6e-4 (not rescaled), wd 0.05 without pos_embed and
+    # cls_token, EMA 0.99992, no mixup but MixToken, token-labeling loss.
+    for name, batch, lr, drop_path in (("spvit_s", 1024, 1.6e-3, 0.1), ("spvit_m", 1024, 1.6e-3, 0.2),
+                                       ("spvit_l", 800, 6e-4, 0.3)):
+        t = load_config(name)
+        assert (t.batch_size, t.optimizer.lr, t.optimizer.lr_base_batch_size, t.model.kwargs.drop_path_rate) == (
+            batch, lr, 0, drop_path)
+        assert {"pos_embed$", "cls_token$"} <= set(t.optimizer.wd_exclude) and t.optimizer.weight_decay == 0.05
+        assert t.ema.decay == 0.99992 and t.loss.name == "token_label" and t.cooldown_epochs == 10
+        assert t.augment.mixup_alpha == 0 and t.augment.cutmix_alpha == 0 and t.augment.mix_token
+    assert load_config("spvit_l").augment.rand_augment == "rand-n3-m9-mstd0.5-inc1"
     # stvit.md section 7: 1024 images, lr 5e-4 per 512, wd 0.05, drop path 0.1 / 0.4 / 0.6, EMA, RA x3, seed 0.
     for name, drop_path in (("stvit_small", 0.1), ("stvit_base", 0.4), ("stvit_large", 0.6)):
         t = load_config(name)
@@ -349,3 +361,21 @@ def test_sot_base_starts_training_on_mock_data():
                                        img_size=224, seed=config.seed)
     state, metrics = train_fn(state, sharding.global_batch(next(iterator), exp.mesh))
     assert int(state.step) == 1 and math.isfinite(float(metrics["loss"]))
+
+
+def test_spvit_recipe_trains_with_the_token_label_loss(tmp_path):
+    """configs/spvit_s.py:mock on a 2-block SP-ViT: the token-labeling loss takes the train-mode
+    (cls, aux) outputs, eval scores the fused logits, and the loss goes down on a fixed batch."""
+    config = load_config("spvit_s", "mock")
+    config.model.img_size = 32
+    config.model.kwargs.update(embed_dim=32, depth=2, num_heads=2, stem_width=8, spsa_blocks=(0,),
+                               cls_insert_block=1)
+    config.input.update(mock_train_examples=8, mock_eval_examples=8, mock_num_classes=5, num_threads=1)
+    config.update(batch_size=8, eval_batch_size=8, num_train_steps=6, eval_every_steps=0, log_every_steps=1)
+    config.optimizer.update(lr=3e-3, warmup_epochs=0)
+    config.checkpoint.every_steps = 6
+    result = loop.train_and_evaluate(config, str(tmp_path / "run"))
+    losses = [r["train/loss"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+              if "train/loss" in r]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert 0 <= result["eval/top1"] <= 1 and math.isfinite(result["eval_ema/loss"])

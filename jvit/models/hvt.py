@@ -23,8 +23,6 @@ token counts are 196 -> 97 -> 48 -> 23 -> 11.
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -40,7 +38,7 @@ from jvit.models.layers import (
     tokens_from_map,
     trunc_normal_02,
 )
-from jvit.registry import PretrainedCfg, register_model
+from jvit.registry import PretrainedCfg, register_variant
 
 NORM_EPS = 1e-6  # every LayerNorm of the original (norm1, norm2, final norm)
 
@@ -230,16 +228,6 @@ _VARIANTS: dict[str, tuple[int, int, str]] = {
 }
 
 
-def _register(name: str, heads: int, width: int, file: str) -> None:
-    @register_model(name, "hvt", PretrainedCfg(weights_keys=("model",), files=(file,)))
-    def factory(num_classes: int, img_size: int, **kwargs: Any) -> HVT:
-        kw: dict[str, Any] = dict(num_heads=heads, pool_block_width=width)
-        kw.update(kwargs)
-        return HVT(num_classes=num_classes, img_size=img_size, **kw)
-
-    factory.__name__ = name
-    factory.__doc__ = f"{name}: HVT, C={64 * heads}, {heads} heads, pool_block_width {width} ({file})."
-
-
 for _name, (_heads, _width, _file) in _VARIANTS.items():
-    _register(_name, _heads, _width, _file)
+    register_variant(_name, "hvt", PretrainedCfg(weights_keys=("model",), files=(_file,)), HVT, num_heads=_heads,
+                     pool_block_width=_width)

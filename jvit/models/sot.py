@@ -44,7 +44,7 @@ from jvit.models.layers import (
     tokens_from_map,
     trunc_normal_02,
 )
-from jvit.registry import PretrainedCfg, register_model
+from jvit.registry import PretrainedCfg, register_variant
 
 # ---------------------------------------------------------------------------------------------
 # The second-order head
@@ -480,18 +480,6 @@ _VARIANTS: dict[str, tuple[Any, ...]] = {
 }
 
 
-def _register(name: str, spec: tuple[Any, ...]) -> None:
-    embed, dim, depth, heads, mlp, head, files = spec
-
-    @register_model(name, "sot", dataclasses.replace(_EMA_CFG, files=files))
-    def factory(num_classes: int, img_size: int, **kwargs) -> SoT:
-        kw: dict[str, Any] = dict(embed=embed, embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=mlp, head=head)
-        kw.update(kwargs)
-        return SoT(num_classes=num_classes, img_size=img_size, **kw)
-
-    factory.__name__ = name
-    factory.__doc__ = f"{name}: {embed} token embedding, C={dim}, depth {depth}, {heads} heads, {head}."
-
-
-for _name, _spec in _VARIANTS.items():
-    _register(_name, _spec)
+for _name, (_embed, _dim, _depth, _heads, _mlp, _head, _files) in _VARIANTS.items():
+    register_variant(_name, "sot", dataclasses.replace(_EMA_CFG, files=_files), SoT, embed=_embed, embed_dim=_dim,
+                     depth=_depth, num_heads=_heads, mlp_ratio=_mlp, head=_head)

@@ -51,7 +51,7 @@ from jvit.models.layers import (
     tokens_from_map,
     trunc_normal_02,
 )
-from jvit.registry import PretrainedCfg, register_model
+from jvit.registry import PretrainedCfg, register_variant
 
 PATCH = 16  # both stems reduce the image 16x
 
@@ -488,19 +488,5 @@ _CFGS: dict[str, tuple[PretrainedCfg, PretrainedCfg]] = {
 }
 
 
-def _register(name: str) -> None:
-    spec = _VARIANTS[name]
-
-    @register_model(name, "spvit", _CFGS[name])
-    def factory(num_classes: int, img_size: int, **kwargs) -> SPViT:
-        return SPViT(num_classes=num_classes, img_size=img_size, **{**spec, **kwargs})
-
-    factory.__name__ = name
-    factory.__doc__ = (
-        f"{name}: C={spec['embed_dim']}, depth {spec['depth']}, {spec['num_heads']} heads, "
-        f"SP-SA blocks {list(spec['spsa_blocks'])}, class token before block {spec['cls_insert_block']}."
-    )
-
-
-for _name in _VARIANTS:
-    _register(_name)
+for _name, _spec in _VARIANTS.items():
+    register_variant(_name, "spvit", _CFGS[_name], SPViT, **_spec)

@@ -53,7 +53,7 @@ from jvit.models.layers import (
     layer_norm,
     torch_dense,
 )
-from jvit.registry import PretrainedCfg, register_model
+from jvit.registry import PretrainedCfg, register_variant
 
 # ---------------------------------------------------------------------------------------------
 # The 3x3 super-token neighbourhood: static pads and shifted slices, no gathers or loops over positions
@@ -445,20 +445,6 @@ _VARIANTS: dict[str, tuple[Any, ...]] = {
 }
 
 
-def _register(name: str, spec: tuple[Any, ...]) -> None:
-    dims, depths, heads, layerscale, init_values = spec
-
-    @register_model(name, "stvit", _cfgs(name))
-    def factory(num_classes: int, img_size: int, **kwargs) -> STViT:
-        kw: dict[str, Any] = dict(
-            embed_dim=dims, depths=depths, num_heads=heads, layerscale=layerscale, init_values=init_values
-        )
-        kw.update(kwargs)
-        return STViT(num_classes=num_classes, img_size=img_size, **kw)
-
-    factory.__name__ = name
-    factory.__doc__ = f"{name}: widths {dims}, depths {depths}, heads {heads}, layer scale {layerscale}."
-
-
-for _name, _spec in _VARIANTS.items():
-    _register(_name, _spec)
+for _name, (_dims, _depths, _heads, _layerscale, _init_values) in _VARIANTS.items():
+    register_variant(_name, "stvit", _cfgs(_name), STViT, embed_dim=_dims, depths=_depths, num_heads=_heads,
+                     layerscale=_layerscale, init_values=_init_values)

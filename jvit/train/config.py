@@ -36,6 +36,7 @@ AUGMENT_DEFAULTS: dict[str, Any] = {
     "mixup_prob": 1.0,
     "mixup_switch_prob": 0.5,
     "repeated_aug": 0,  # number of repeats of RASampler, 0 = off
+    "mix_token": False,  # LV-ViT/SP-ViT MixToken on the patch tokens (models with a token-labeling aux head)
 }
 
 
