@@ -13,14 +13,22 @@ import ml_collections
 from jvit.train.config import default_config, finalize
 
 
+# The ImageNet eval suite (``--config configs/<x>.py:suite``): ImageNet-1k validation, ImageNetV2
+# (matched frequency), ReaL labels (Beyer et al., 2020) and ImageNet-A (200 classes), all from tfds.
+IMAGENET_SUITE = ("validation", "imagenet_v2:test", "imagenet2012_real:validation", "imagenet_a:test")
+
+
 def imagenet(model: str, img_size: int | None = None) -> ml_collections.ConfigDict:
-    """``model`` on ImageNet-1k (tfds ``imagenet2012``, prepared as ArrayRecord), eval on validation."""
+    """``model`` on ImageNet-1k (tfds ``imagenet2012``, prepared as ArrayRecord), eval on validation
+    with timm's eval transform (resize by the model's crop_pct and interpolation, centre crop)."""
     c = default_config()
     c.model.name = model
     c.model.img_size = img_size
     c.input.dataset = "imagenet2012"
     c.input.train_split = "train"
     c.input.eval_splits = ("validation",)
+    c.input.train_preprocess = "augment"
+    c.input.eval_preprocess = "center_crop"
     return c
 
 
@@ -68,9 +76,11 @@ def timm_recipe(
 
 
 def deit_augment(c: ml_collections.ConfigDict, *, repeated_aug: int = 0, mixup: bool = True) -> ml_collections.ConfigDict:
-    """The DeiT/timm train augmentation the originals use: RandomResizedCrop (0.08-1, random
-    bilinear/bicubic), flip, RandAugment rand-m9-mstd0.5-inc1, RandomErasing 0.25, Mixup 0.8 /
-    CutMix 1.0 (switch 0.5). NOT APPLIED YET: the trainer warns and trains without them."""
+    """The DeiT/timm train augmentation the originals use (timm ``create_transform`` with
+    ``--aa rand-m9-mstd0.5-inc1 --reprob 0.25``): RandomResizedCrop (0.08-1, 3/4-4/3, random
+    bilinear/bicubic), flip 0.5, RandAugment rand-m9-mstd0.5-inc1 (so no colour jitter),
+    RandomErasing 0.25 (pixel mode), Mixup 0.8 / CutMix 1.0 (prob 1, switch 0.5), and optionally
+    repeated augmentation."""
     a = c.augment
     a.inception_crop, a.crop_scale, a.train_interpolation = True, (0.08, 1.0), "random"
     a.hflip, a.rand_augment, a.random_erasing = 0.5, "rand-m9-mstd0.5-inc1", 0.25
@@ -124,9 +134,9 @@ def spvit_recipe(model: str, *, batch_size: int, lr: float, drop_path: float,
     label smoothing 0.1, EMA 0.99992 (the reported numbers are the EMA model's), no Mixup/CutMix but
     MixToken, seed 42, and the token-labeling loss.
 
-    The original's token labels are dense score maps of an NFNet-F6 teacher; this trainer has no
-    dense targets yet, so ``loss.token_label`` gives every token the image label (the original's
-    ``--token-label`` without ``--token-label-data``)."""
+    The original's token labels are dense score maps of an NFNet-F6 teacher
+    (``--config.input.token_label_dir=DIR`` reads them); without them every token gets the image
+    label (the original's ``--token-label`` without ``--token-label-data``)."""
     c = timm_recipe(imagenet(model), batch_size=batch_size, lr=lr, weight_decay=0.05, drop_path=drop_path,
                     ema_decay=0.99992, cooldown_epochs=10, wd_exclude=("bias$", "pos_embed$", "cls_token$"),
                     mixup=False)
@@ -137,14 +147,22 @@ def spvit_recipe(model: str, *, batch_size: int, lr: float, drop_path: float,
 
 
 def finish(c: ml_collections.ConfigDict, arg: str | None = None) -> ml_collections.ConfigDict:
-    """Apply the config-file argument and lock the config.
+    """Apply the config-file argument (``--config configs/x.py:<arg>``) and lock the config.
 
-    ``arg='mock'`` (``--config configs/x.py:mock``) swaps the dataset for random images, so a
-    full-size model starts training with no dataset at hand.
+    * ``'mock'``: random images instead of the dataset, so a full-size model starts training
+      with no dataset at hand.
+    * ``'folder:PATH'``: a folder of images in the ``PATH/train/<class>/*``, ``PATH/val/<class>/*``
+      layout; classes are the sorted folder names of ``train``.
+    * ``'suite'``: evaluate on :data:`IMAGENET_SUITE` (all prepared as tfds datasets).
     """
     if arg == "mock":
         c.input.dataset = "mock"
         c.input.mock_num_classes = 1000
+    elif arg and arg.startswith("folder:"):
+        c.input.dataset = arg
+        c.input.train_split, c.input.eval_splits = "train", ("val",)
+    elif arg == "suite":
+        c.input.eval_splits = IMAGENET_SUITE
     elif arg:
-        raise ValueError(f"unknown config argument {arg!r}; the only one is 'mock'")
+        raise ValueError(f"unknown config argument {arg!r}; expected 'mock', 'folder:PATH' or 'suite'")
     return finalize(c)

@@ -4,8 +4,7 @@
     python -m jvit.main --config configs/hvt_s_4.py:mock --workdir /tmp/hvt_s_4_mock   # no dataset needed
 
 Recipe: :func:`configs.base.hvt_recipe` (batch 1024, AdamW lr 1e-3, wd 0.025 without pos_embeds,
-300 epochs warmup + cosine, drop path 0.1, repeated augmentation, no EMA). DeiT augmentation is
-configured but not applied yet.
+300 epochs warmup + cosine, drop path 0.1, repeated augmentation, no EMA). DeiT augmentation (timm, see base.deit_augment).
 
 Original result (Pan et al., ICCV 2021): 75.23 / 92.30 top-1 / top-5; 1.39 GFLOPs, 22.12M params.
 """

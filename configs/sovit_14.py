@@ -4,8 +4,7 @@
     python -m jvit.main --config configs/sovit_14.py:mock --workdir /tmp/sovit_14_mock   # no dataset needed
 
 Recipe: :func:`configs.base.sot_recipe` with global batch 512, AdamW lr 0.001 and weight decay 0.05 (300
-epochs warmup + cosine + 10 cooldown, drop path 0.1, EMA 0.99996). DeiT augmentation is configured but
-not applied yet.
+epochs warmup + cosine + 10 cooldown, drop path 0.1, EMA 0.99996). DeiT augmentation (timm, see base.deit_augment).
 
 Original result: 81.8% top-1 (paper), 82.3% (upgrade); 24.6M params.
 """

@@ -5,8 +5,8 @@
 
 Recipe: :func:`configs.base.spvit_recipe` with global batch 800, AdamW lr 0.0006, drop path 0.3,
 RandAugment rand-n3-m9-mstd0.5-inc1 (wd 0.05, 300 epochs warmup + cosine + 10 cooldown, EMA 0.99992,
-MixToken, token labeling). Token labels are the image label on every token until dense teacher score
-maps are supported; RandAugment, RandomErasing and MixToken are configured but not applied yet.
+MixToken, token labeling). Dense teacher token labels: --config.input.token_label_dir=DIR;
+without it every token gets the image label.
 
 Original result (README): 85.5% top-1 on ImageNet-1k val at 224px (EMA weights, fused cls + token
 score); 150.2M params.

@@ -4,9 +4,9 @@
     python -m jvit.main --config configs/spvit_m.py:mock --workdir /tmp/spvit_m_mock   # no dataset needed
 
 Recipe: :func:`configs.base.spvit_recipe` with global batch 1024, AdamW lr 0.0016, drop path 0.2 (wd
-0.05, 300 epochs warmup + cosine + 10 cooldown, EMA 0.99992, MixToken, token labeling). Token labels are
-the image label on every token until dense teacher score maps are supported; RandAugment, RandomErasing
-and MixToken are configured but not applied yet.
+0.05, 300 epochs warmup + cosine + 10 cooldown, EMA 0.99992, MixToken, token labeling).
+Dense teacher token labels: --config.input.token_label_dir=DIR; without it every token gets the
+image label.
 
 Original result (README): 84.9% top-1 on ImageNet-1k val at 224px (EMA weights, fused cls + token
 score); 56.0M params.

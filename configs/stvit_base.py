@@ -4,8 +4,7 @@
     python -m jvit.main --config configs/stvit_base.py:mock --workdir /tmp/stvit_base_mock   # no dataset needed
 
 Recipe: :func:`configs.base.stvit_recipe` (batch 1024, AdamW lr 5e-4 per 512, wd 0.05 with the layer
-scales decayed, 300 epochs warmup + cosine, EMA 0.99996, repeated augmentation) with drop path 0.4. DeiT
-augmentation is configured but not applied yet. The 384 px models are a 30-epoch fine-tune of this one
+scales decayed, 300 epochs warmup + cosine, EMA 0.99996, repeated augmentation) with drop path 0.4. DeiT augmentation (timm, see base.deit_augment). The 384 px models are a 30-epoch fine-tune of this one
 (stvit.md section 7), not shipped as a config yet.
 
 Original result (Huang et al., "Vision Transformer with Super Token Sampling", CVPR 2023):

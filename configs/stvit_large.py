@@ -5,8 +5,7 @@
 
 Recipe: :func:`configs.base.stvit_recipe` (batch 1024, AdamW lr 5e-4 per 512, wd 0.05 with the layer
 scales decayed, 300 epochs warmup + cosine, EMA 0.99996, repeated augmentation) with drop path 0.6 (the
-README notes 0.4 for the first 260 epochs then 0.6 trains better). DeiT augmentation is configured but
-not applied yet. The 384 px models are a 30-epoch fine-tune of this one (stvit.md section 7), not
+README notes 0.4 for the first 260 epochs then 0.6 trains better). DeiT augmentation (timm, see base.deit_augment). The 384 px models are a 30-epoch fine-tune of this one (stvit.md section 7), not
 shipped as a config yet.
 
 Original result (Huang et al., "Vision Transformer with Super Token Sampling", CVPR 2023):

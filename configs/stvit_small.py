@@ -5,7 +5,7 @@
 
 Recipe: :func:`configs.base.stvit_recipe` (batch 1024, AdamW lr 5e-4 per 512, wd 0.05 with the layer
 scales decayed, 300 epochs warmup + cosine, EMA 0.99996, repeated augmentation) with drop path 0.1
-(README's 0.1 (its run.sh uses 0.3)). DeiT augmentation is configured but not applied yet. The 384 px
+(README's 0.1 (its run.sh uses 0.3)). DeiT augmentation (timm, see base.deit_augment). The 384 px
 models are a 30-epoch fine-tune of this one (stvit.md section 7), not shipped as a config yet.
 
 Original result (Huang et al., "Vision Transformer with Super Token Sampling", CVPR 2023):

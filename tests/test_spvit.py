@@ -7,7 +7,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 import torch
@@ -161,14 +160,14 @@ def test_token_label_outputs_feed_the_original_loss():
     assert_parity("aux_logits", out.aux_logits, tl["train_aux_logits"])
     np.testing.assert_allclose(token_label_loss(out, tl["target"], box), tl["loss"], rtol=1e-5)
     np.testing.assert_allclose(token_label_loss(out, tl["target_image_level"], box), tl["loss_image_level"], rtol=1e-5)
-    # The trainer's loss (image-level targets, no MixToken yet) is the same formula with an empty box.
-    no_smoothing = ml_collections.ConfigDict({"label_smoothing": 0.0})
-    per_example = losses.token_label(out, jnp.asarray(tl["target_image_level"]), no_smoothing)
+    # The trainer's loss with image-level targets and the fixture's MixToken box is the same formula.
+    lam = 1 - (box[2] - box[0]) * (box[3] - box[1]) / out.aux_logits.shape[1]
+    targets = {"class": jnp.asarray(tl["target_image_level"]), "lam": jnp.float32(lam)}
+    per_example = losses.token_label(out, targets)
     assert per_example.shape == (2,)
-    expect = token_label_loss(out, tl["target_image_level"], np.zeros(4, int))
-    np.testing.assert_allclose(float(per_example.mean()), expect, rtol=1e-5)
+    np.testing.assert_allclose(float(per_example.mean()), tl["loss_image_level"], rtol=1e-5)
     with pytest.raises(TypeError, match="token_label"):
-        losses.softmax_xent(out, jnp.zeros(2, int), no_smoothing)
+        losses.softmax_xent(out, targets)
 
 
 def test_mix_tokens_region_and_inverse():

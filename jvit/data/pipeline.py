@@ -6,6 +6,11 @@ positions ``i, i + n, ...`` of that stream and batches them. So the global batch
 positions ``[k B, (k + 1) B)`` of the stream, whatever the number of hosts, and the iterator's
 state (``get_state()`` — the next batch index) restores to exactly the next batch.
 
+Repeated augmentation (Hoffer et al., 2020; DeiT's ``RASampler``) with ``r`` repeats: an epoch of
+``N`` stream positions holds ``ceil(N / r)`` examples of the epoch's permutation, each ``r`` times in
+a row, so the copies land on different hosts/devices and get different random augmentations.
+``RASampler`` also cuts the epoch to a multiple of 256 samples; we keep all ``N`` positions.
+
 Eval: every host reads ``ceil(N / n)`` examples or fewer; batches are padded to full size with
 ``mask = 0`` rows and every host yields the same number of batches, so each example is scored
 exactly once and no host waits on a collective the others skip.
@@ -25,21 +30,43 @@ from jvit.data.preprocess import Preprocessor
 from jvit.train.config import ConfigError
 
 
+class _RepeatedAugmentation(grain.MapDataset):
+    """Position ``e N + p`` of an endless per-epoch-shuffled stream -> its position ``e N + p // r``:
+    every example of the first ``ceil(N / r)`` of each epoch's permutation, ``r`` times in a row."""
+
+    def __init__(self, parent: grain.MapDataset, epoch_size: int, repeats: int):
+        super().__init__(parent)
+        self._epoch_size, self._repeats = epoch_size, repeats
+
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        epoch, position = divmod(index, self._epoch_size)
+        return self._parent[epoch * self._epoch_size + position // self._repeats]
+
+    def __str__(self) -> str:
+        return f"RepeatedAugmentation(repeats={self._repeats})"
+
+
 def train_iterator(
     data: Any,
     *,
     batch_size: int,
     preprocess: Preprocessor,
-    img_size: int,
     seed: int,
+    repeated_aug: int = 0,
     num_threads: int = 4,
     prefetch_batches: int = 2,
 ) -> grain.DatasetIterator:
     """Endless iterator of this host's share of each global batch of ``batch_size`` examples:
-    ``{"image": uint8 [b, S, S, 3], "label": int32 [b]}`` with ``b = batch_size / process_count``.
+    ``{"image": uint8 [b, S, S, 3], "label": int32 [b], ...}`` with ``b = batch_size / process_count``.
 
     ``preprocess`` runs with a per-example ``np.random.Generator`` derived from ``seed`` and the
-    example's stream position. The returned iterator has ``get_state()`` / ``set_state()``.
+    example's stream position. ``repeated_aug > 1`` repeats each example that many times in a row
+    (see the module docstring). The returned iterator has ``get_state()`` / ``set_state()``.
     """
     hosts, host = jax.process_count(), jax.process_index()
     if batch_size % hosts:
@@ -47,7 +74,9 @@ def train_iterator(
     if len(data) < batch_size:
         raise ConfigError(f"the training split has {len(data)} examples, fewer than one batch of {batch_size}")
     ds = grain.MapDataset.source(data).seed(seed).shuffle().repeat()
-    ds = ds[host::hosts].random_map(lambda ex, rng: preprocess(ex, img_size, rng))
+    if repeated_aug > 1:
+        ds = _RepeatedAugmentation(ds, len(data), repeated_aug)
+    ds = ds[host::hosts].random_map(preprocess)
     ds = ds.batch(batch_size // hosts, drop_remainder=True)
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_batches)
     return iter(ds.to_iter_dataset(options))
@@ -64,30 +93,29 @@ def eval_batches(
     *,
     batch_size: int,
     preprocess: Preprocessor,
-    img_size: int,
     num_threads: int = 4,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """This host's share of the eval batches, each ``{"image", "label", "mask"}`` with exactly
-    ``batch_size / process_count`` rows; padding rows have ``mask = 0``."""
+    """This host's share of the eval batches, each ``{"image", "label", ..., "mask"}`` with exactly
+    ``batch_size / process_count`` rows; padding rows are zeros with ``mask = 0``."""
     hosts, host = jax.process_count(), jax.process_index()
     if batch_size % hosts:
         raise ConfigError(f"eval batch {batch_size} is not divisible by the {hosts} hosts")
     local = batch_size // hosts
-    ds = grain.MapDataset.source(data)[host::hosts].map(functools.partial(_eval_example, preprocess, img_size))
+    ds = grain.MapDataset.source(data)[host::hosts].map(functools.partial(preprocess, rng=None))
     ds = ds.batch(local, drop_remainder=False)
     batches = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads)))
+    template = None  # a batch's shapes, for the all-padding batches of a host that ran out
     for _ in range(num_eval_batches(len(data), batch_size)):
         batch = next(batches, None)
-        yield _pad(batch, local, img_size)
+        if batch is None:
+            if template is None:  # fewer examples than hosts: shapes from the first example
+                template = jax.tree.map(lambda v: np.asarray(v)[None], preprocess(data[0], rng=None))
+            batch = {k: v[:0] for k, v in template.items()}
+        template = template or batch
+        yield _pad(batch, local)
 
 
-def _eval_example(preprocess: Preprocessor, img_size: int, example: dict[str, Any]) -> dict[str, Any]:
-    return preprocess(example, img_size, None)
-
-
-def _pad(batch: dict[str, np.ndarray] | None, rows: int, img_size: int) -> dict[str, np.ndarray]:
-    if batch is None:  # this host ran out of examples: an all-padding batch
-        batch = {"image": np.zeros((0, img_size, img_size, 3), np.uint8), "label": np.zeros((0,), np.int32)}
+def _pad(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
     n = len(batch["label"])
     out = {k: np.concatenate([v, np.zeros((rows - n,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
     out["mask"] = (np.arange(rows) < n).astype(np.float32)

@@ -370,6 +370,11 @@ class SPViT(nn.Module):
     drop_path_rate: float = 0.0
     dtype: Dtype = jnp.float32
 
+    @property
+    def token_grid(self) -> tuple[int, int]:
+        """The ``S x S`` patch-token grid (what MixToken boxes and dense token labels live on)."""
+        return (self.img_size // PATCH, self.img_size // PATCH)
+
     def setup(self):
         if self.img_size % PATCH:
             raise ValueError(f"SP-ViT needs img_size divisible by {PATCH}; got {self.img_size}")

@@ -21,23 +21,25 @@ from ml_collections import config_dict
 
 DTYPES = ("float32", "bfloat16", "float16")
 
-# Recipe fields that belong to the input-pipeline/recipe issue: configs carry the originals' values,
-# but the trainer does not apply them yet and says so at start (see `unapplied_recipe_fields`).
+# The train augmentation (timm ``create_transform`` + ``Mixup`` + ``RandomErasing`` as the originals use
+# them); every field's default is "off". Host side: jvit.data.augment; device side: jvit.train.batch_augment.
 AUGMENT_DEFAULTS: dict[str, Any] = {
-    "inception_crop": False,  # RandomResizedCrop(scale=crop_scale, ratio=(3/4, 4/3))
+    "inception_crop": False,  # RandomResizedCrop(scale=crop_scale, ratio=crop_ratio); False: resize
     "crop_scale": (0.08, 1.0),
-    "train_interpolation": "bicubic",  # 'random' = random bilinear/bicubic per image (timm)
-    "hflip": 0.0,
+    "crop_ratio": (3 / 4, 4 / 3),
+    "train_interpolation": "bicubic",  # 'bilinear' | 'bicubic' | 'random' (one of the two per image, timm)
+    "hflip": 0.0,  # probability
     "rand_augment": "",  # timm spec, e.g. 'rand-m9-mstd0.5-inc1'
-    "color_jitter": 0.0,
-    "random_erasing": 0.0,  # probability, mode 'pixel', count 1
+    "color_jitter": 0.0,  # brightness/contrast/saturation strength; timm uses it only without RandAugment
+    "random_erasing": 0.0,  # probability, mode 'pixel', one rectangle (timm RandomErasing)
     "mixup_alpha": 0.0,
     "cutmix_alpha": 0.0,
     "mixup_prob": 1.0,
     "mixup_switch_prob": 0.5,
-    "repeated_aug": 0,  # number of repeats of RASampler, 0 = off
+    "repeated_aug": 0,  # repeats per example (DeiT RASampler), 0 or 1 = off
     "mix_token": False,  # LV-ViT/SP-ViT MixToken on the patch tokens (models with a token-labeling aux head)
 }
+INTERPOLATIONS = ("bilinear", "bicubic", "random")
 
 
 class ConfigError(ValueError):
@@ -63,12 +65,21 @@ def default_config() -> ml_collections.ConfigDict:
     c.init_weights_key = ""  # .pth only: wrapper entry to read instead of the variant's default
 
     c.input = ml_collections.ConfigDict()
-    c.input.dataset = "jvit_digits"  # a tfds name (prepared as ArrayRecord), or 'mock'
+    # 'folder:PATH' (PATH/<split>/<class>/<image>), a tfds name (read as ArrayRecord), 'jvit_digits', 'mock'
+    c.input.dataset = "jvit_digits"
     c.input.data_dir = config_dict.placeholder(str)  # tfds data_dir; None: tfds's default
+    c.input.manual_dir = config_dict.placeholder(str)  # tfds manual_dir (imagenet2012's tars), with prepare
+    c.input.prepare = False  # build an unprepared tfds dataset in data_dir (downloading it if tfds can)
     c.input.train_split = "train"
-    c.input.eval_splits = ("test",)  # the first one reports as eval/..., the others as eval_<split>/...
-    c.input.train_preprocess = "resize"  # a name from jvit.data.preprocess.PREPROCESSORS
-    c.input.eval_preprocess = "resize"
+    # Eval splits: names of input.dataset's splits or '<dataset>:<split>' (e.g. 'imagenet_v2:test').
+    # The first one reports as eval/..., the others as eval_<dataset>_<split>/...
+    c.input.eval_splits = ("test",)
+    c.input.train_preprocess = "resize"  # 'augment' (config.augment, timm) | 'resize'
+    c.input.eval_preprocess = "resize"  # 'center_crop' (crop_pct, timm eval) | 'resize'
+    c.input.crop_pct = config_dict.placeholder(float)  # None: the model's pretrained cfg
+    c.input.eval_interpolation = ""  # '': the model's pretrained cfg ('bicubic' for every jvit model)
+    # Dense token labels (SP-ViT/LV-ViT): <dir>/<class>/<image stem>.pt|.npy score maps [2, k, S', S'].
+    c.input.token_label_dir = ""
     c.input.mean = ()  # () = the model's pretrained cfg (ImageNet mean/std)
     c.input.std = ()
     c.input.num_threads = 4  # grain reader threads per host
@@ -106,6 +117,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict()
     c.loss.name = "softmax_xent"  # a name from jvit.train.losses.LOSSES
     c.loss.label_smoothing = 0.0
+    # token_label with dense maps: read the crop box transposed, as the original's roi_align call does.
+    c.loss.token_label_transposed_crop = True
 
     c.ema = ml_collections.ConfigDict()
     c.ema.decay = 0.0  # 0: no EMA; timm ModelEma e.g. 0.99996, updated per optimizer step
@@ -142,15 +155,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 
 
-def unapplied_recipe_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Fields of ``config.augment`` set away from "off": recipe parts this trainer does not apply yet."""
-    return {k: v for k, v in config.augment.items() if _norm(v) != _norm(AUGMENT_DEFAULTS[k])}
-
-
-def _norm(v: Any) -> Any:
-    return tuple(v) if isinstance(v, (list, tuple)) else v
-
-
 def _unknown_fields(config: Any, schema: Any, prefix: str = "") -> list[str]:
     unknown = []
     for key, value in config.items():
@@ -164,7 +168,8 @@ def _unknown_fields(config: Any, schema: Any, prefix: str = "") -> list[str]:
 
 def _value_errors(c: ml_collections.ConfigDict) -> list[str]:
     # Imported here: the registries pull in the models and the data pipeline.
-    from jvit.data.preprocess import PREPROCESSORS
+    from jvit.data import augment
+    from jvit.data.preprocess import EVAL_PREPROCESSORS, TRAIN_PREPROCESSORS
     from jvit.registry import list_models
     from jvit.train.losses import LOSSES
 
@@ -182,8 +187,11 @@ def _value_errors(c: ml_collections.ConfigDict) -> list[str]:
     check(c.model.img_size is None or c.model.img_size > 0, f"model.img_size={c.model.img_size} must be positive")
     check(c.model.num_classes is None or c.model.num_classes > 0,
           f"model.num_classes={c.model.num_classes} must be positive")
-    one_of("input.train_preprocess", c.input.train_preprocess, sorted(PREPROCESSORS))
-    one_of("input.eval_preprocess", c.input.eval_preprocess, sorted(PREPROCESSORS))
+    one_of("input.train_preprocess", c.input.train_preprocess, TRAIN_PREPROCESSORS)
+    one_of("input.eval_preprocess", c.input.eval_preprocess, EVAL_PREPROCESSORS)
+    check(c.input.crop_pct is None or 0 < c.input.crop_pct <= 1, f"input.crop_pct={c.input.crop_pct} must be in (0, 1]")
+    if c.input.eval_interpolation:
+        one_of("input.eval_interpolation", c.input.eval_interpolation, ("bilinear", "bicubic"))
     check(all(isinstance(s, str) and s for s in c.input.eval_splits),
           f"input.eval_splits={c.input.eval_splits!r} must be a tuple of split names")
     for field in ("mean", "std"):
@@ -221,6 +229,35 @@ def _value_errors(c: ml_collections.ConfigDict) -> list[str]:
     check(o.warmup_epochs >= 0, f"optimizer.warmup_epochs={o.warmup_epochs} must be >= 0")
     check(o.warmup_lr >= 0 and o.min_lr >= 0,
           f"optimizer.warmup_lr={o.warmup_lr}, min_lr={o.min_lr} must be >= 0")
+
+    a = c.augment
+    one_of("augment.train_interpolation", a.train_interpolation, INTERPOLATIONS)
+    check(len(a.crop_scale) == 2 and 0 < a.crop_scale[0] <= a.crop_scale[1] <= 1,
+          f"augment.crop_scale={a.crop_scale!r} must be (low, high) with 0 < low <= high <= 1")
+    check(len(a.crop_ratio) == 2 and 0 < a.crop_ratio[0] <= a.crop_ratio[1],
+          f"augment.crop_ratio={a.crop_ratio!r} must be (low, high) with 0 < low <= high")
+    for field in ("hflip", "random_erasing", "mixup_prob", "mixup_switch_prob"):
+        check(0 <= a[field] <= 1, f"augment.{field}={a[field]} must be a probability in [0, 1]")
+    for field in ("color_jitter", "mixup_alpha", "cutmix_alpha"):
+        check(a[field] >= 0, f"augment.{field}={a[field]} must be >= 0")
+    check(a.repeated_aug >= 0, f"augment.repeated_aug={a.repeated_aug} must be >= 0")
+    if a.rand_augment:
+        try:
+            augment.RandAugment.from_spec(a.rand_augment, mean=(0.5, 0.5, 0.5), interpolation="bilinear")
+        except ValueError as e:
+            errors.append(f"augment.rand_augment={a.rand_augment!r}: {e}")
+    check(not (a.rand_augment and a.color_jitter),
+          "augment.color_jitter and augment.rand_augment are both set; timm applies colour jitter only without "
+          "RandAugment (set color_jitter=0 to match the originals)")
+    train_aug = c.input.train_preprocess == "augment"
+    for field in ("inception_crop", "hflip", "rand_augment", "color_jitter"):
+        check(train_aug or not a[field], f"augment.{field}={a[field]!r} needs input.train_preprocess='augment'")
+    token_label = c.loss.name == "token_label"
+    check(token_label or not a.mix_token, "augment.mix_token needs loss.name='token_label' (a model with an aux head)")
+    check(token_label or not c.input.token_label_dir, "input.token_label_dir needs loss.name='token_label'")
+    check(not c.input.token_label_dir or train_aug, "input.token_label_dir needs input.train_preprocess='augment'")
+    check(not (token_label and (a.mixup_alpha or a.cutmix_alpha)),
+          "Mixup/CutMix with loss.name='token_label' is not supported (SP-ViT/LV-ViT train with MixToken instead)")
 
     one_of("loss.name", c.loss.name, sorted(LOSSES))
     check(0 <= c.loss.label_smoothing < 1, f"loss.label_smoothing={c.loss.label_smoothing} must be in [0, 1)")

@@ -42,6 +42,8 @@ class Experiment:
     model: Any
     train_split: sources.Split
     eval_splits: dict[str, sources.Split]
+    train_preprocess: preprocess.Preprocessor
+    eval_preprocess: preprocess.Preprocessor
     step_batch: int  # examples per train step (batch_size / grad_accum_steps)
     eval_batch: int
     total_steps: int
@@ -64,6 +66,14 @@ def setup(config: ml_collections.ConfigDict, *, train: bool = True) -> Experimen
             f"model.num_classes={num_classes} < the dataset's {train_split.num_classes} classes")
     eval_splits = {s: sources.open_split(config.input, s, train=False, img_size=img_size, seed=config.seed)
                    for s in config.input.eval_splits}
+    for name, split in eval_splits.items():
+        if split.num_classes > num_classes:
+            raise config_lib.ConfigError(f"eval split {name!r} has {split.num_classes} classes, the model {num_classes}")
+    mean = tuple(config.input.mean) or pretrained.mean
+    train_preprocess = preprocess.train_preprocessor(config, img_size=img_size, mean=mean)
+    eval_preprocess = preprocess.eval_preprocessor(
+        config, img_size=img_size, crop_pct=config.input.crop_pct or pretrained.crop_pct,
+        interpolation=config.input.eval_interpolation or pretrained.interpolation)
     devices = jax.device_count()
     step_batch = config.batch_size // config.grad_accum_steps
     eval_batch = config.eval_batch_size or step_batch
@@ -76,8 +86,9 @@ def setup(config: ml_collections.ConfigDict, *, train: bool = True) -> Experimen
         total += config.grad_accum_steps - total % config.grad_accum_steps  # end on a whole update
     return Experiment(
         config=config, mesh=mesh, img_size=img_size, num_classes=num_classes,
-        mean=tuple(config.input.mean) or pretrained.mean, std=tuple(config.input.std) or pretrained.std,
+        mean=mean, std=tuple(config.input.std) or pretrained.std,
         model=state_lib.build_model(config, num_classes), train_split=train_split, eval_splits=eval_splits,
+        train_preprocess=train_preprocess, eval_preprocess=eval_preprocess,
         step_batch=step_batch, eval_batch=eval_batch, total_steps=total, steps_per_epoch=steps_per_epoch,
     )
 
@@ -87,7 +98,10 @@ def save_config(exp: Experiment, workdir: str) -> None:
     ``<workdir>/config.json``, warning about fields that changed since the previous run there."""
     resolved = exp.config.to_dict()
     resolved["model"].update(img_size=exp.img_size, num_classes=exp.num_classes)
-    resolved["input"].update(mean=list(exp.mean), std=list(exp.std))
+    pretrained = jvit.get_pretrained_cfg(exp.config.model.name, exp.config.model.img_size)
+    resolved["input"].update(mean=list(exp.mean), std=list(exp.std),
+                             crop_pct=exp.config.input.crop_pct or pretrained.crop_pct,
+                             eval_interpolation=exp.config.input.eval_interpolation or pretrained.interpolation)
     resolved["num_train_steps"] = exp.total_steps
     path = os.path.join(workdir, "config.json")
     text = json.dumps(resolved, indent=2, sort_keys=True, default=str)
@@ -144,42 +158,45 @@ def compiled_steps(exp: Experiment, tx, state_shardings):
     loss_fn = losses.LOSSES[exp.config.loss.name]
     train = jax.jit(
         functools.partial(steps.train_step, model=exp.model, tx=tx, loss_fn=loss_fn, config=exp.config,
-                          mean=exp.mean, std=exp.std),
+                          mean=exp.mean, std=exp.std, num_classes=exp.num_classes,
+                          token_grid=getattr(exp.model, "token_grid", None)),
         in_shardings=(state_shardings, batch),
         out_shardings=(state_shardings, sharding.replicated(exp.mesh)),
         donate_argnums=0,
     )
     evaluate = jax.jit(functools.partial(steps.eval_step, model=exp.model, mean=exp.mean, std=exp.std),
-                       out_shardings=sharding.replicated(exp.mesh))
+                       out_shardings=sharding.replicated(exp.mesh), static_argnames="class_subset")
     return train, evaluate
 
 
 def run_evals(exp: Experiment, eval_fn, state: state_lib.TrainState) -> dict[str, float]:
     """Top-1/top-5/loss on every eval split for the raw model and, when kept, the EMA model.
 
-    The first split reports as ``eval/...`` (``eval_ema/...``), the others as ``eval_<split>/...``.
+    The first split reports as ``eval/...`` (``eval_ema/...``), the others as
+    ``eval_<dataset>_<split>/...``. Accuracies are over the scored examples (all of them, except
+    ReaL examples without labels), the loss over all.
     """
     models = {"": state.variables()}
     if state.ema:
         models["_ema"] = state.ema_variables()
     results = {}
-    preprocess_fn = preprocess.PREPROCESSORS[exp.config.input.eval_preprocess]
     for i, (split, source) in enumerate(exp.eval_splits.items()):
         sums = {name: None for name in models}
-        for local in pipeline.eval_batches(source.data, batch_size=exp.eval_batch, preprocess=preprocess_fn,
-                                           img_size=exp.img_size, num_threads=exp.config.input.num_threads):
+        for local in pipeline.eval_batches(source.data, batch_size=exp.eval_batch, preprocess=exp.eval_preprocess,
+                                           num_threads=exp.config.input.num_threads):
             batch = sharding.global_batch(local, exp.mesh)
             for name, variables in models.items():
-                out = eval_fn(variables, batch)
+                out = eval_fn(variables, batch, class_subset=source.class_subset)
                 sums[name] = out if sums[name] is None else jax.tree.map(jnp.add, sums[name], out)
-        base = "eval" if i == 0 else "eval_" + "".join(c if c.isalnum() else "_" for c in split)
+        base = "eval" if i == 0 else "eval_" + "".join(c if c.isalnum() else "_" for c in split).strip("_")
         for name, s in sums.items():
             s = jax.device_get(s)
-            count = float(s["count"])
+            count, scored = float(s["count"]), float(s["scored"])
             if count != len(source.data):
-                raise RuntimeError(f"eval of {split!r} scored {count:.0f} examples, the split has {len(source.data)}")
-            for metric in ("top1", "top5", "loss"):
-                results[f"{base}{name}/{metric}"] = float(s[metric]) / count
+                raise RuntimeError(f"eval of {split!r} saw {count:.0f} examples, the split has {len(source.data)}")
+            for metric in ("top1", "top5"):
+                results[f"{base}{name}/{metric}"] = float(s[metric]) / max(scored, 1.0)
+            results[f"{base}{name}/loss"] = float(s["loss"]) / count
     return results
 
 
@@ -203,16 +220,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     exp = setup(config)
     os.makedirs(workdir, exist_ok=True)
     save_config(exp, workdir)
-    unapplied = config_lib.unapplied_recipe_fields(config)
-    if unapplied:
-        log.warning("recipe fields not implemented by this trainer yet, NOT applied: %s",
-                    ", ".join(f"augment.{k}={v!r}" for k, v in unapplied.items()))
     primary = jax.process_index() == 0
     updates_per_epoch = exp.steps_per_epoch / config.grad_accum_steps
     tx, schedule = optim.make_optimizer(config, updates_per_epoch)
     iterator = pipeline.train_iterator(
-        exp.train_split.data, batch_size=exp.step_batch, preprocess=preprocess.PREPROCESSORS[config.input.train_preprocess],
-        img_size=exp.img_size, seed=config.seed, num_threads=config.input.num_threads,
+        exp.train_split.data, batch_size=exp.step_batch, preprocess=exp.train_preprocess, seed=config.seed,
+        repeated_aug=config.augment.repeated_aug, num_threads=config.input.num_threads,
         prefetch_batches=config.input.prefetch_batches,
     )
     ckpt = Checkpointer(workdir, keep=config.checkpoint.keep, use_async=config.checkpoint.use_async)
@@ -267,6 +280,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     finally:
         ckpt.close()
         reporter.close()
+        skipped = getattr(exp.train_split.data, "skipped", 0)
+        if skipped:
+            log.warning("%d unreadable training images were skipped (each replaced by the next readable one); "
+                        "the warnings above name them", skipped)
     results = {"train/loss": last_loss, **results}
     summary = " ".join(f"{k}={v:.4f}" for k, v in results.items())
     print(f"final: step={step} {summary} wall_s={time.time() - t0:.0f}", flush=True)
