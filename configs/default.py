@@ -9,7 +9,7 @@ after blocks 0 and 2 (64 -> 31 -> 15 tokens); 0.21M parameters. 10 epochs (225 s
 Measured on 2 shared CPU cores: about 1.5 minutes, held-out top-1 0.986. Ends with
 ``final: step=225 ... eval/top1=0.9861 ...``."""
 
-from configs import base
+from jvit import recipes
 from jvit.train.config import default_config
 
 
@@ -33,4 +33,4 @@ def get_config(arg=None):
     c.loss.label_smoothing = 0.1
     c.checkpoint.every_steps = 100
     c.log_every_steps = 10
-    return base.finish(c, arg)
+    return recipes.finish(c, arg)

@@ -11,12 +11,12 @@ follows the linear rule, 5e-4 per 512 images: 1.25e-4 at the paper's total batch
 Reported (ziplab/HVT#2, 2 GPUs): 73.68% top-1.
 """
 
-from configs import base
+from jvit import recipes
 
 
 def get_config(arg=None):
-    c = base.hvt_recipe("hvt_s_1")
+    c = recipes.hvt_recipe("hvt_s_1")
     c.input.dataset = "cifar100"
     c.input.eval_splits = ("test",)
     c.batch_size = 128
-    return base.finish(c, arg)
+    return recipes.finish(c, arg)

@@ -3,14 +3,14 @@
     python -m jvit.main --config configs/hvt_s_2.py --workdir runs/hvt_s_2
     python -m jvit.main --config configs/hvt_s_2.py:mock --workdir /tmp/hvt_s_2_mock   # no dataset needed
 
-Recipe: :func:`configs.base.hvt_recipe` (batch 1024, AdamW lr 1e-3, wd 0.025 without pos_embeds,
-300 epochs warmup + cosine, drop path 0.1, repeated augmentation, no EMA). DeiT augmentation (timm, see base.deit_augment).
+Recipe: :func:`jvit.recipes.hvt_recipe` (batch 1024, AdamW lr 1e-3, wd 0.025 without pos_embeds,
+300 epochs warmup + cosine, drop path 0.1, repeated augmentation, no EMA). DeiT augmentation (timm, see recipes.deit_augment).
 
 Original result (Pan et al., ICCV 2021): 77.36 / 93.55 top-1 / top-5; 1.94 GFLOPs, 22.11M params.
 """
 
-from configs import base
+from jvit import recipes
 
 
 def get_config(arg=None):
-    return base.finish(base.hvt_recipe("hvt_s_2"), arg)
+    return recipes.finish(recipes.hvt_recipe("hvt_s_2"), arg)

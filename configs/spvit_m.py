@@ -3,7 +3,7 @@
     python -m jvit.main --config configs/spvit_m.py --workdir runs/spvit_m
     python -m jvit.main --config configs/spvit_m.py:mock --workdir /tmp/spvit_m_mock   # no dataset needed
 
-Recipe: :func:`configs.base.spvit_recipe` with global batch 1024, AdamW lr 0.0016, drop path 0.2 (wd
+Recipe: :func:`jvit.recipes.spvit_recipe` with global batch 1024, AdamW lr 0.0016, drop path 0.2 (wd
 0.05, 300 epochs warmup + cosine + 10 cooldown, EMA 0.99992, MixToken, token labeling).
 Dense teacher token labels: --config.input.token_label_dir=DIR; without it every token gets the
 image label.
@@ -12,8 +12,8 @@ Original result (README): 84.9% top-1 on ImageNet-1k val at 224px (EMA weights, 
 score); 56.0M params.
 """
 
-from configs import base
+from jvit import recipes
 
 
 def get_config(arg=None):
-    return base.finish(base.spvit_recipe("spvit_m", batch_size=1024, lr=0.0016, drop_path=0.2), arg)
+    return recipes.finish(recipes.spvit_recipe("spvit_m", batch_size=1024, lr=0.0016, drop_path=0.2), arg)

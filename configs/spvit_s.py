@@ -3,7 +3,7 @@
     python -m jvit.main --config configs/spvit_s.py --workdir runs/spvit_s
     python -m jvit.main --config configs/spvit_s.py:mock --workdir /tmp/spvit_s_mock   # no dataset needed
 
-Recipe: :func:`configs.base.spvit_recipe` with global batch 1024, AdamW lr 0.0016, drop path 0.1 (wd
+Recipe: :func:`jvit.recipes.spvit_recipe` with global batch 1024, AdamW lr 0.0016, drop path 0.1 (wd
 0.05, 300 epochs warmup + cosine + 10 cooldown, EMA 0.99992, MixToken, token labeling).
 Dense teacher token labels: --config.input.token_label_dir=DIR; without it every token gets the
 image label.
@@ -12,8 +12,8 @@ Original result (README): 83.9% top-1 on ImageNet-1k val at 224px (EMA weights, 
 score); 26.2M params.
 """
 
-from configs import base
+from jvit import recipes
 
 
 def get_config(arg=None):
-    return base.finish(base.spvit_recipe("spvit_s", batch_size=1024, lr=0.0016, drop_path=0.1), arg)
+    return recipes.finish(recipes.spvit_recipe("spvit_s", batch_size=1024, lr=0.0016, drop_path=0.1), arg)

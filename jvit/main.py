@@ -37,7 +37,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     pylogging.getLogger("absl").addFilter(_QuietLibraries())
     from jvit.train import loop
-    from jvit.train.config import ConfigError
+    from jvit.errors import ConfigError
 
     run = loop.train_and_evaluate if _MODE.value == "train" else loop.evaluate_checkpoint
     try:

@@ -91,19 +91,19 @@ def test_folder_source_classes_labels_and_decoding(tmp_path, photos):
 
 
 def test_folder_errors_name_what_is_missing(tmp_path, photos):
-    with pytest.raises(config_lib.ConfigError, match="does not exist"):
+    with pytest.raises(ConfigError, match="does not exist"):
         sources.open_split(folder_input(tmp_path / "nowhere"), "train", train=True, img_size=16, seed=0)
     root = write_folder(tmp_path / "d", photos, {"train": {"a": 1, "b": 1}})
-    with pytest.raises(config_lib.ConfigError, match=r"val' does not exist.*has: train"):
+    with pytest.raises(ConfigError, match=r"val' does not exist.*has: train"):
         sources.open_split(folder_input(root), "val", train=False, img_size=16, seed=0)
     (root / "train" / "empty").mkdir()
-    with pytest.raises(config_lib.ConfigError, match=r"class folder .*empty has no image files"):
+    with pytest.raises(ConfigError, match=r"class folder .*empty has no image files"):
         sources.open_split(folder_input(root), "train", train=True, img_size=16, seed=0)
     (root / "train" / "empty").rmdir()
     write_folder(root, photos, {"val": {"a": 1, "zebra": 1}})
-    with pytest.raises(config_lib.ConfigError, match="zebra"):  # a class the training split does not have
+    with pytest.raises(ConfigError, match="zebra"):  # a class the training split does not have
         sources.open_split(folder_input(root), "val", train=False, img_size=16, seed=0)
-    with pytest.raises(config_lib.ConfigError, match="neither a split name"):
+    with pytest.raises(ConfigError, match="neither a split name"):
         sources.parse_split("folder:val", "x")
     assert sources.parse_split("folder:/a/b:val", "x") == ("folder:/a/b", "val")
     assert sources.parse_split("imagenet_v2:test", "x") == ("imagenet_v2", "test")

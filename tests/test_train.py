@@ -6,7 +6,6 @@ All runs use the 8 fake CPU devices of conftest.py, tiny HVT models and a handfu
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -23,6 +22,7 @@ import jvit.checkpoint
 import jvit.convert
 import jvit.utils
 from jvit.data import pipeline
+from jvit.errors import ConfigError
 from jvit.train import config as config_lib
 from jvit.train import loop, optim, sharding, state as state_lib
 
@@ -47,10 +47,7 @@ def compilation_cache(tmp_path_factory):
 
 def load_config(name: str, arg: str | None = None):
     """``configs/<name>.py``'s ``get_config(arg)``, as ``--config configs/<name>.py[:arg]`` loads it."""
-    spec = importlib.util.spec_from_file_location(f"config_{name}", ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return config_lib.load_config_file(ROOT / "configs" / f"{name}.py", arg)
 
 
 def tiny_config(**overrides):
@@ -117,7 +114,7 @@ def test_config_names_unknown_fields_and_bad_values():
 
 
 def test_every_shipped_config_loads_and_names_a_registered_model():
-    names = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem not in ("__init__", "base"))
+    names = sorted(p.stem for p in (ROOT / "configs").glob("*.py") )
     assert {"default", "sot_base", "hvt_s_1"} <= set(names)
     for name in names:
         c = load_config(name)
@@ -323,7 +320,7 @@ def test_init_from_converted_checkpoint_reinitialises_a_different_head(tmp_path)
     # Any other mismatch is an error naming the parameter.
     narrow = jvit.utils.abstract_variables(state_lib.build_model(tiny_config(**{**arch, "model.kwargs.head_dim": 8}), 5))
     fresh = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), narrow)
-    with pytest.raises(config_lib.ConfigError, match="pos_embed: checkpoint shape"):
+    with pytest.raises(ConfigError, match="pos_embed: checkpoint shape"):
         state_lib.merge_pretrained(fresh, reference, 5)
 
 

@@ -12,22 +12,22 @@ once, run ``--warmup`` times, then timed ``--steps`` times with ``block_until_re
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import resource
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for configs/
+import jvit
+from jvit import recipes
+from jvit.train import loop, optim, sharding
+from jvit.train.config import load_config_file
 
-import jvit  # noqa: E402
-from jvit.train import loop, optim, sharding  # noqa: E402
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,15 +46,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def train_config(args):
     """The model's recipe config (``configs/<model>.py:mock``) or the shared timm recipe, on mock data."""
-    try:
-        config = importlib.import_module(f"configs.{args.model}").get_config("mock")
+    path = os.path.join(CONFIGS, f"{args.model}.py")
+    if os.path.isfile(path):
+        config = load_config_file(path, "mock")
         recipe = f"configs/{args.model}.py"
-    except ModuleNotFoundError:
-        from configs import base
-
-        config = base.finish(base.timm_recipe(base.imagenet(args.model), batch_size=args.batch, lr=1e-3,
+    else:
+        config = recipes.finish(recipes.timm_recipe(recipes.imagenet(args.model), batch_size=args.batch, lr=1e-3,
                                               weight_decay=0.05, drop_path=0.1), "mock")
-        recipe = "configs/base.py timm_recipe (no recipe file for this model)"
+        recipe = "jvit/recipes.py timm_recipe (no recipe file for this model)"
     with config.unlocked():
         config.batch_size = args.batch
         config.grad_accum_steps = 1

@@ -4,7 +4,7 @@
     python tools/input_throughput.py                               # makes a folder from sklearn's photos
 
 Runs the trainer's host-side train transform (``input.train_preprocess='augment'`` with the DeiT
-recipe of ``configs/base.py``: RandomResizedCrop, flip, RandAugment rand-m9-mstd0.5-inc1) on every
+recipe of ``jvit/recipes.py``: RandomResizedCrop, flip, RandAugment rand-m9-mstd0.5-inc1) on every
 image, reading and decoding with PIL, first in one thread (the per-core figure), then through the
 grain train iterator with one reader thread per core. Prints medians over ``--repeats`` passes.
 Device-side augmentation (random erasing, Mixup/CutMix) is not part of this figure.
@@ -18,13 +18,10 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for configs/
 
 
 def make_folder(root: str, num_images: int, seed: int = 0) -> str:
@@ -60,14 +57,14 @@ def main() -> None:
 
     import jax
 
-    from configs import base
+    from jvit import recipes
     from jvit.data import pipeline, preprocess, sources
 
     folder = args.folder or make_folder(tempfile.mkdtemp(prefix="jvit_jpegs_"), args.num_images)
     classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
     data = sources.DecodedSource(sources.ImageFolder(folder, classes), name=folder, skip_corrupt=True,
                                  num_classes=len(classes))
-    config = base.deit_augment(base.imagenet("hvt_ti_1"))
+    config = recipes.deit_augment(recipes.imagenet("hvt_ti_1"))
     transform = preprocess.train_preprocessor(config, img_size=args.img_size, mean=(0.485, 0.456, 0.406))
     n = len(data)
     sizes = [os.path.getsize(os.path.join(folder, f)) for f, _ in data.data.files]

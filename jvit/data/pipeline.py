@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from jvit.data.preprocess import Preprocessor
-from jvit.train.config import ConfigError
+from jvit.errors import ConfigError
 
 
 class _RepeatedAugmentation(grain.MapDataset):

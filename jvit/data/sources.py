@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from jvit.train.config import ConfigError
+from jvit.errors import ConfigError
 
 log = logging.getLogger("jvit.data")
 

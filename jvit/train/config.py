@@ -13,11 +13,15 @@ everywhere (logging, checkpoints, ``num_train_steps``) counts train steps, i.e. 
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import re
 from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
+
+from jvit.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -40,10 +44,6 @@ AUGMENT_DEFAULTS: dict[str, Any] = {
     "mix_token": False,  # LV-ViT/SP-ViT MixToken on the patch tokens (models with a token-labeling aux head)
 }
 INTERPOLATIONS = ("bilinear", "bicubic", "random")
-
-
-class ConfigError(ValueError):
-    """A config (or what it points at) that cannot run; the message names the field."""
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -138,6 +138,22 @@ def default_config() -> ml_collections.ConfigDict:
     c.log_every_steps = 50
     c.eval_every_steps = config_dict.placeholder(int)  # None: once per epoch; 0: only at the end
     return c
+
+
+def load_config_file(path: str | os.PathLike, arg: str | None = None) -> ml_collections.ConfigDict:
+    """``get_config(arg)`` of an experiment file, exactly as ``--config path[:arg]`` loads it.
+
+    Config files import only ``jvit`` (shared recipes live in :mod:`jvit.recipes`), so they load by
+    path from any working directory.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    name = "jvit_config_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
 
 
 def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

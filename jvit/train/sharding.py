@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jvit.train.config import ConfigError
+from jvit.errors import ConfigError
 
 BATCH_AXES = ("data", "fsdp")
 

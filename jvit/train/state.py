@@ -18,7 +18,7 @@ from flax import traverse_util
 import jvit
 import jvit.checkpoint
 import jvit.convert
-from jvit.train.config import ConfigError
+from jvit.errors import ConfigError
 
 log = logging.getLogger("jvit.train")
 

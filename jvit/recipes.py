@@ -1,4 +1,4 @@
-"""Shared pieces of the experiment configs: the ImageNet input, the timm/DeiT recipe, mock data.
+"""Shared pieces of the experiment configs (``configs/*.py``): the ImageNet input, the timm/DeiT recipe, mock data.
 
 An experiment file is a few lines: start from :func:`imagenet`, apply the recipe its original
 used with that paper's numbers, and :func:`finish` it. Where every variant of a family shares one
