@@ -16,6 +16,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jvit.errors import ConfigError
+from jvit.train import loop
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (configs/<exp>.py[:arg])",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and the resolved config")
@@ -25,10 +28,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 class _QuietLibraries(pylogging.Filter):
-    """Drop the INFO chatter of orbax (several lines per checkpoint) and tfds; keep warnings."""
+    """Drop the INFO chatter of orbax (several lines per checkpoint), tfds and clu (its progress notes
+    repeat the progress line); keep warnings."""
 
     def filter(self, record: pylogging.LogRecord) -> bool:
-        noisy = any(f"/{lib}/" in record.pathname for lib in ("orbax", "tensorflow_datasets", "jax/_src"))
+        noisy = any(f"/{lib}/" in record.pathname for lib in ("orbax", "tensorflow_datasets", "jax/_src", "clu"))
         return record.levelno >= pylogging.WARNING or not noisy
 
 
@@ -36,9 +40,6 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     pylogging.getLogger("absl").addFilter(_QuietLibraries())
-    from jvit.train import loop
-    from jvit.errors import ConfigError
-
     run = loop.train_and_evaluate if _MODE.value == "train" else loop.evaluate_checkpoint
     try:
         run(_CONFIG.value, _WORKDIR.value)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -17,6 +17,17 @@ def dummy_input(model: nn.Module, batch: int = 1) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct((batch, h, w, 3), jnp.float32)
 
 
+def init_fn(model: nn.Module, batch: int = 1) -> Callable[[jax.Array], dict[str, Any]]:
+    """``rng -> variables`` of ``model`` (every collection but ``intermediates``), on a zero input of
+    :func:`dummy_input`'s signature; pure, so it can run under ``jax.jit`` or ``jax.eval_shape``."""
+    x = dummy_input(model, batch)
+
+    def init(rng: jax.Array) -> dict[str, Any]:
+        return _drop_intermediates(model.init(rng, jnp.zeros(x.shape, x.dtype), train=False))
+
+    return init
+
+
 def init_variables(model: nn.Module, rng: jax.Array | int = 0, batch: int = 1) -> dict[str, Any]:
     """Freshly initialised variables of ``model`` (all collections: params, batch_stats, frozen, ...).
 
@@ -26,16 +37,12 @@ def init_variables(model: nn.Module, rng: jax.Array | int = 0, batch: int = 1) -
     """
     if isinstance(rng, int):
         rng = jax.random.key(rng, impl="unsafe_rbg")
-    x = jnp.zeros(dummy_input(model, batch).shape, jnp.float32)
-    variables = jax.jit(lambda r, x: model.init(r, x, train=False))(rng, x)
-    return _drop_intermediates(variables)
+    return jax.jit(init_fn(model, batch))(rng)
 
 
 def abstract_variables(model: nn.Module) -> dict[str, Any]:
     """Shapes and dtypes of every variable of ``model`` without computing anything."""
-    x = dummy_input(model)
-    variables = jax.eval_shape(lambda r: model.init(r, jnp.zeros(x.shape, x.dtype), train=False), jax.random.key(0))
-    return _drop_intermediates(variables)
+    return jax.eval_shape(init_fn(model), jax.random.key(0))
 
 
 def _drop_intermediates(variables: Any) -> dict[str, Any]:

@@ -163,11 +163,11 @@ def test_token_label_outputs_feed_the_original_loss():
     # The trainer's loss with image-level targets and the fixture's MixToken box is the same formula.
     lam = 1 - (box[2] - box[0]) * (box[3] - box[1]) / out.aux_logits.shape[1]
     targets = {"class": jnp.asarray(tl["target_image_level"]), "lam": jnp.float32(lam)}
-    per_example = losses.token_label(out, targets)
+    per_example = losses.TokenLabel()(out, targets)
     assert per_example.shape == (2,)
     np.testing.assert_allclose(float(per_example.mean()), tl["loss_image_level"], rtol=1e-5)
     with pytest.raises(TypeError, match="token_label"):
-        losses.softmax_xent(out, targets)
+        losses.SoftmaxXent()(out, targets)
 
 
 def test_mix_tokens_region_and_inverse():

@@ -194,10 +194,9 @@ def test_weight_decay_mask_and_schedule():
 def test_data_parallel_and_fsdp_steps_match_one_device():
     config = tiny_config(**{"mesh.fsdp_min_size": 0})
     exp = loop.setup(config)
-    tx, _ = optim.make_optimizer(config, exp.steps_per_epoch)
     iterator = pipeline.train_iterator(exp.train_split.data, batch_size=16, preprocess=exp.train_preprocess, seed=0)
     batches = [next(iterator), next(iterator)]
-    start = jax.device_get(loop.initial_state(exp, tx)[0])
+    start = jax.device_get(loop.initial_state(exp))
     results = {}
     for name, mesh in {
         "one": sharding.make_mesh(devices=jax.devices()[:1]),
@@ -205,12 +204,12 @@ def test_data_parallel_and_fsdp_steps_match_one_device():
         "fsdp": sharding.make_mesh(data=2, fsdp=4),
     }.items():
         run = dataclasses.replace(exp, mesh=mesh)
-        _, shardings, _ = loop.abstract_state(run, tx)
+        shardings = run.state_shardings()
         state = jax.device_put(start, shardings)
         if name == "fsdp":
             specs = [s.spec for s in jax.tree.leaves(shardings.params)]
             assert any("fsdp" in spec for spec in specs), specs  # parameters really are split
-        train_fn, _ = loop.compiled_steps(run, tx, shardings)
+        train_fn, _ = loop.compiled_steps(run)
         losses = []
         for b in batches:
             state, metrics = train_fn(state, sharding.global_batch(b, mesh))
@@ -307,7 +306,7 @@ def test_init_from_converted_checkpoint_reinitialises_a_different_head(tmp_path)
     for init_from in (converted, pth):
         config = tiny_config(init_from=init_from, **arch)  # mock data: 5 classes
         exp = loop.setup(config)
-        state, _ = loop.initial_state(exp, optim.make_optimizer(config, exp.steps_per_epoch)[0])
+        state = loop.initial_state(exp)
         params = jax.device_get(state.params)
         flat = dict(jax.tree_util.tree_leaves_with_path(params))
         for path, value in jax.tree_util.tree_leaves_with_path(reference["params"]):
@@ -352,10 +351,9 @@ def test_sot_base_starts_training_on_mock_data():
     exp = loop.setup(config)
     assert (exp.num_classes, exp.img_size) == (1000, 224)
     exp = dataclasses.replace(exp, mesh=sharding.make_mesh(devices=jax.devices()[:1]), step_batch=1)
-    tx, _ = optim.make_optimizer(config, exp.steps_per_epoch)
-    state, shardings = loop.initial_state(exp, tx)
+    state = loop.initial_state(exp)
     assert jvit.count_params(state.params) == 76_774_966  # sot.md section 1.2: trainable parameters
-    train_fn, _ = loop.compiled_steps(exp, tx, shardings)
+    train_fn, _ = loop.compiled_steps(exp)
     iterator = pipeline.train_iterator(exp.train_split.data, batch_size=1, preprocess=exp.train_preprocess,
                                        seed=config.seed)
     state, metrics = train_fn(state, sharding.global_batch(next(iterator), exp.mesh))
@@ -378,3 +376,18 @@ def test_spvit_recipe_trains_with_the_token_label_loss(tmp_path):
               if "train/loss" in r]
     assert len(losses) == 6 and losses[-1] < losses[0]
     assert 0 <= result["eval/top1"] <= 1 and math.isfinite(result["eval_ema/loss"])
+
+
+def test_eval_mode_opens_no_train_split(tmp_path, monkeypatch):
+    """``--mode=eval`` scores the workdir's latest checkpoint with the classes the run recorded; the
+    training split is never opened (released weights can be scored with only the eval split on disk)."""
+    workdir = str(tmp_path / "run")
+    trained = loop.train_and_evaluate(tiny_config(num_train_steps=2), workdir)
+    opened = []
+    open_split = loop.sources.open_split
+    monkeypatch.setattr(loop.sources, "open_split",
+                        lambda input_config, spec, **kw: opened.append((spec, kw["train"])) or open_split(
+                            input_config, spec, **kw))
+    evaluated = loop.evaluate_checkpoint(tiny_config(), workdir)
+    assert opened == [("test", False)]
+    assert evaluated == {k: v for k, v in trained.items() if k != "train/loss"}

@@ -24,7 +24,7 @@ import numpy as np
 
 import jvit
 from jvit import recipes
-from jvit.train import loop, optim, sharding
+from jvit.train import loop, sharding
 from jvit.train.config import load_config_file
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -69,9 +69,8 @@ def build(args):
     if args.train:
         config, recipe = train_config(args)
         exp = loop.setup(config)
-        tx, _ = optim.make_optimizer(config, exp.steps_per_epoch)
-        state, shardings = loop.initial_state(exp, tx)
-        train_fn, _ = loop.compiled_steps(exp, tx, shardings)
+        state = loop.initial_state(exp)
+        train_fn, _ = loop.compiled_steps(exp)
         rng = np.random.default_rng(0)
         local = {"image": rng.integers(0, 256, (args.batch, exp.img_size, exp.img_size, 3), dtype=np.uint8),
                  "label": rng.integers(0, args.num_classes, (args.batch,), dtype=np.int32)}

@@ -57,6 +57,8 @@ class Split:
         ImageNet classes) the class ids a prediction is restricted to; ``None`` = all.
       multi_label: ReaL-style evaluation (``label_set`` per example; accuracy counts a prediction
         in the set and ignores examples whose set is empty).
+      class_names: the label space's class names in label order (folder names, tfds label names),
+        ``None`` where the dataset has none (mock data).
     """
 
     data: Sequence[dict[str, Any]]
@@ -64,6 +66,7 @@ class Split:
     name: str = ""
     class_subset: tuple[int, ...] | None = None
     multi_label: bool = False
+    class_names: tuple[str, ...] | None = None
 
 
 # -------------------------------------------------------------------------------------------------
@@ -343,7 +346,7 @@ def _open_folder(root: str, split: str, input_config: Any, *, train: bool, name:
         raise ConfigError(f"{split_dir} has no images")
     tokens = TokenLabelMaps(input_config.token_label_dir, classes) if train and input_config.token_label_dir else None
     data = DecodedSource(raw, name=name, skip_corrupt=train, num_classes=len(classes), token_labels=tokens)
-    return Split(data, len(classes), name)
+    return Split(data, len(classes), name, class_names=tuple(classes))
 
 
 def _open_tfds(dataset: str, split: str, input_config: Any, *, train: bool, name: str, token_dir: str) -> Split:
@@ -387,7 +390,8 @@ def _open_tfds(dataset: str, split: str, input_config: Any, *, train: bool, name
     subset = CLASS_SUBSETS.get(dataset.split("/")[0])
     data = DecodedSource(raw, name=name, skip_corrupt=train, num_classes=int(label.num_classes), label_key=label_key,
                          label_set_key="real_label" if multi_label else None, token_labels=tokens)
-    return Split(data, int(label.num_classes), name, class_subset=subset, multi_label=multi_label)
+    return Split(data, int(label.num_classes), name, class_subset=subset, multi_label=multi_label,
+                 class_names=tuple(names) if names else None)
 
 
 def _prepare(builder: Any, manual_dir: str | None) -> None:

@@ -21,7 +21,10 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+from jvit.data import preprocess
 from jvit.errors import ConfigError
+from jvit.registry import list_models
+from jvit.train import losses, optim, sharding
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -43,7 +46,6 @@ AUGMENT_DEFAULTS: dict[str, Any] = {
     "repeated_aug": 0,  # repeats per example (DeiT RASampler), 0 or 1 = off
     "mix_token": False,  # LV-ViT/SP-ViT MixToken on the patch tokens (models with a token-labeling aux head)
 }
-INTERPOLATIONS = ("bilinear", "bicubic", "random")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -135,6 +137,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.checkpoint.keep = 3
     c.checkpoint.use_async = True
 
+    # A jax.profiler trace of steps [first_step, first_step + num_steps) into <workdir>/profile
+    # (clu periodic_actions.Profile); 0: no trace.
+    c.profile = ml_collections.ConfigDict()
+    c.profile.first_step = 0
+    c.profile.num_steps = 5
+
     c.log_every_steps = 50
     c.eval_every_steps = config_dict.placeholder(int)  # None: once per epoch; 0: only at the end
     return c
@@ -167,6 +175,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Raise :class:`ConfigError` naming every unknown field and bad value of ``config``."""
     errors = [f"unknown config field {name!r}" for name in _unknown_fields(config, default_config())]
     errors += _value_errors(config)
+    errors += preprocess.validate(config.input, config.augment)
+    errors += optim.validate(config)
+    errors += losses.validate(config)
+    errors += sharding.validate(config.mesh)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 
@@ -182,109 +194,35 @@ def _unknown_fields(config: Any, schema: Any, prefix: str = "") -> list[str]:
     return unknown
 
 
+def _check(errors: list[str], ok: bool, message: str) -> None:
+    if not ok:
+        errors.append(message)
+
+
 def _value_errors(c: ml_collections.ConfigDict) -> list[str]:
-    # Imported here: the registries pull in the models and the data pipeline.
-    from jvit.data import augment
-    from jvit.data.preprocess import EVAL_PREPROCESSORS, TRAIN_PREPROCESSORS
-    from jvit.registry import list_models
-    from jvit.train.losses import LOSSES
-
+    """Bad values of the trainer's own fields; each other section is checked by the code that uses it."""
     errors = []
-
-    def check(ok: bool, message: str) -> None:
-        if not ok:
-            errors.append(message)
-
-    def one_of(field: str, value: Any, allowed) -> None:
-        check(value in allowed, f"{field}={value!r} is not one of: {', '.join(map(str, allowed))}")
-
-    one_of("model.name", c.model.name, list_models())
-    one_of("model.dtype", c.model.dtype, DTYPES)
-    check(c.model.img_size is None or c.model.img_size > 0, f"model.img_size={c.model.img_size} must be positive")
-    check(c.model.num_classes is None or c.model.num_classes > 0,
-          f"model.num_classes={c.model.num_classes} must be positive")
-    one_of("input.train_preprocess", c.input.train_preprocess, TRAIN_PREPROCESSORS)
-    one_of("input.eval_preprocess", c.input.eval_preprocess, EVAL_PREPROCESSORS)
-    check(c.input.crop_pct is None or 0 < c.input.crop_pct <= 1, f"input.crop_pct={c.input.crop_pct} must be in (0, 1]")
-    if c.input.eval_interpolation:
-        one_of("input.eval_interpolation", c.input.eval_interpolation, ("bilinear", "bicubic"))
-    check(all(isinstance(s, str) and s for s in c.input.eval_splits),
-          f"input.eval_splits={c.input.eval_splits!r} must be a tuple of split names")
-    for field in ("mean", "std"):
-        v = c.input[field]
-        check(len(v) in (0, 3), f"input.{field}={v!r} must be empty (model default) or 3 numbers")
-    check(all(s > 0 for s in c.input.std), f"input.std={c.input.std!r} must be positive")
-    for field in ("mock_train_examples", "mock_eval_examples", "mock_num_classes"):
-        check(c.input[field] > 0, f"input.{field}={c.input[field]} must be positive")
-    check(c.input.num_threads >= 0, f"input.num_threads={c.input.num_threads} must be >= 0")
-    check(c.input.prefetch_batches >= 0, f"input.prefetch_batches={c.input.prefetch_batches} must be >= 0")
-
-    check(c.batch_size > 0, f"batch_size={c.batch_size} must be positive")
-    check(c.grad_accum_steps >= 1, f"grad_accum_steps={c.grad_accum_steps} must be >= 1")
-    check(c.grad_accum_steps >= 1 and c.batch_size % c.grad_accum_steps == 0,
-          f"batch_size={c.batch_size} is not divisible by grad_accum_steps={c.grad_accum_steps}")
-    check(c.eval_batch_size is None or c.eval_batch_size > 0, f"eval_batch_size={c.eval_batch_size} must be positive")
-    check(c.num_epochs > 0, f"num_epochs={c.num_epochs} must be positive")
-    check(c.cooldown_epochs >= 0, f"cooldown_epochs={c.cooldown_epochs} must be >= 0")
-    check(c.num_train_steps is None or c.num_train_steps > 0, f"num_train_steps={c.num_train_steps} must be positive")
-
-    o = c.optimizer
-    one_of("optimizer.name", o.name, ("adamw",))
-    check(o.lr > 0, f"optimizer.lr={o.lr} must be positive")
-    check(o.lr_base_batch_size >= 0, f"optimizer.lr_base_batch_size={o.lr_base_batch_size} must be >= 0")
-    check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"optimizer.b1={o.b1}, b2={o.b2} must be in [0, 1)")
-    check(o.eps > 0, f"optimizer.eps={o.eps} must be positive")
-    check(o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay} must be >= 0")
-    for field in ("wd_exclude", "wd_include"):
-        for pattern in o[field]:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                errors.append(f"optimizer.{field} entry {pattern!r} is not a regex: {e}")
-    check(o.clip_grad_norm >= 0, f"optimizer.clip_grad_norm={o.clip_grad_norm} must be >= 0")
-    check(o.warmup_epochs >= 0, f"optimizer.warmup_epochs={o.warmup_epochs} must be >= 0")
-    check(o.warmup_lr >= 0 and o.min_lr >= 0,
-          f"optimizer.warmup_lr={o.warmup_lr}, min_lr={o.min_lr} must be >= 0")
-
-    a = c.augment
-    one_of("augment.train_interpolation", a.train_interpolation, INTERPOLATIONS)
-    check(len(a.crop_scale) == 2 and 0 < a.crop_scale[0] <= a.crop_scale[1] <= 1,
-          f"augment.crop_scale={a.crop_scale!r} must be (low, high) with 0 < low <= high <= 1")
-    check(len(a.crop_ratio) == 2 and 0 < a.crop_ratio[0] <= a.crop_ratio[1],
-          f"augment.crop_ratio={a.crop_ratio!r} must be (low, high) with 0 < low <= high")
-    for field in ("hflip", "random_erasing", "mixup_prob", "mixup_switch_prob"):
-        check(0 <= a[field] <= 1, f"augment.{field}={a[field]} must be a probability in [0, 1]")
-    for field in ("color_jitter", "mixup_alpha", "cutmix_alpha"):
-        check(a[field] >= 0, f"augment.{field}={a[field]} must be >= 0")
-    check(a.repeated_aug >= 0, f"augment.repeated_aug={a.repeated_aug} must be >= 0")
-    if a.rand_augment:
-        try:
-            augment.RandAugment.from_spec(a.rand_augment, mean=(0.5, 0.5, 0.5), interpolation="bilinear")
-        except ValueError as e:
-            errors.append(f"augment.rand_augment={a.rand_augment!r}: {e}")
-    check(not (a.rand_augment and a.color_jitter),
-          "augment.color_jitter and augment.rand_augment are both set; timm applies colour jitter only without "
-          "RandAugment (set color_jitter=0 to match the originals)")
-    train_aug = c.input.train_preprocess == "augment"
-    for field in ("inception_crop", "hflip", "rand_augment", "color_jitter"):
-        check(train_aug or not a[field], f"augment.{field}={a[field]!r} needs input.train_preprocess='augment'")
-    token_label = c.loss.name == "token_label"
-    check(token_label or not a.mix_token, "augment.mix_token needs loss.name='token_label' (a model with an aux head)")
-    check(token_label or not c.input.token_label_dir, "input.token_label_dir needs loss.name='token_label'")
-    check(not c.input.token_label_dir or train_aug, "input.token_label_dir needs input.train_preprocess='augment'")
-    check(not (token_label and (a.mixup_alpha or a.cutmix_alpha)),
-          "Mixup/CutMix with loss.name='token_label' is not supported (SP-ViT/LV-ViT train with MixToken instead)")
-
-    one_of("loss.name", c.loss.name, sorted(LOSSES))
-    check(0 <= c.loss.label_smoothing < 1, f"loss.label_smoothing={c.loss.label_smoothing} must be in [0, 1)")
-    check(0 <= c.ema.decay < 1, f"ema.decay={c.ema.decay} must be in [0, 1)")
-
-    check(c.mesh.data == -1 or c.mesh.data >= 1, f"mesh.data={c.mesh.data} must be -1 or >= 1")
-    check(c.mesh.fsdp >= 1, f"mesh.fsdp={c.mesh.fsdp} must be >= 1")
-    check(c.mesh.fsdp_min_size >= 0, f"mesh.fsdp_min_size={c.mesh.fsdp_min_size} must be >= 0")
-    check(c.checkpoint.every_steps > 0, f"checkpoint.every_steps={c.checkpoint.every_steps} must be positive")
-    check(c.checkpoint.keep >= 1, f"checkpoint.keep={c.checkpoint.keep} must be >= 1")
-    check(c.log_every_steps > 0, f"log_every_steps={c.log_every_steps} must be positive")
-    check(c.eval_every_steps is None or c.eval_every_steps >= 0,
-          f"eval_every_steps={c.eval_every_steps} must be >= 0")
+    if c.model.name not in list_models():
+        errors.append(f"model.name={c.model.name!r} is not one of: {', '.join(list_models())}")
+    _check(errors, c.model.dtype in DTYPES, f"model.dtype={c.model.dtype!r} is not one of: {', '.join(DTYPES)}")
+    _check(errors, c.model.img_size is None or c.model.img_size > 0, f"model.img_size={c.model.img_size} must be positive")
+    _check(errors, c.model.num_classes is None or c.model.num_classes > 0,
+           f"model.num_classes={c.model.num_classes} must be positive")
+    _check(errors, c.batch_size > 0, f"batch_size={c.batch_size} must be positive")
+    _check(errors, c.grad_accum_steps >= 1, f"grad_accum_steps={c.grad_accum_steps} must be >= 1")
+    _check(errors, c.grad_accum_steps >= 1 and c.batch_size % c.grad_accum_steps == 0,
+           f"batch_size={c.batch_size} is not divisible by grad_accum_steps={c.grad_accum_steps}")
+    _check(errors, c.eval_batch_size is None or c.eval_batch_size > 0,
+           f"eval_batch_size={c.eval_batch_size} must be positive")
+    _check(errors, c.num_epochs > 0, f"num_epochs={c.num_epochs} must be positive")
+    _check(errors, c.cooldown_epochs >= 0, f"cooldown_epochs={c.cooldown_epochs} must be >= 0")
+    _check(errors, c.num_train_steps is None or c.num_train_steps > 0,
+           f"num_train_steps={c.num_train_steps} must be positive")
+    _check(errors, 0 <= c.ema.decay < 1, f"ema.decay={c.ema.decay} must be in [0, 1)")
+    _check(errors, c.checkpoint.every_steps > 0, f"checkpoint.every_steps={c.checkpoint.every_steps} must be positive")
+    _check(errors, c.checkpoint.keep >= 1, f"checkpoint.keep={c.checkpoint.keep} must be >= 1")
+    _check(errors, c.log_every_steps > 0, f"log_every_steps={c.log_every_steps} must be positive")
+    _check(errors, c.eval_every_steps is None or c.eval_every_steps >= 0,
+           f"eval_every_steps={c.eval_every_steps} must be >= 0")
+    _check(errors, c.profile.num_steps > 0, f"profile.num_steps={c.profile.num_steps} must be positive")
     return errors

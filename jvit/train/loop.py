@@ -14,9 +14,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
+from clu import parameter_overview
 
 import jvit
+import jvit.checkpoint
 from jvit.data import pipeline, preprocess, sources
+from jvit.errors import ConfigError
 from jvit.train import config as config_lib
 from jvit.train import losses, optim, sharding, state as state_lib, steps
 from jvit.train.checkpointing import Checkpointer
@@ -29,85 +33,180 @@ class NonFiniteLossError(RuntimeError):
     """The loss (or the updated parameters) stopped being finite."""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Experiment:
-    """Everything resolved from a config before the first step."""
+    """Every fact of a run, resolved once from its config by :func:`setup` and read by the loop, the
+    eval, ``tools/benchmark.py`` and every other tool (nothing downstream re-derives a default).
+
+    Attributes:
+      config: the validated config.
+      mode: ``'train'`` or ``'eval'`` (eval opens no training split).
+      mesh: the ``(data, fsdp)`` device mesh.
+      model: the linen model for ``num_classes`` classes at ``img_size``.
+      num_classes, class_names: the label space (names where the dataset or checkpoint has them).
+      img_size, crop_pct, interpolation, mean, std: the input, with the model's pretrained cfg filling
+        whatever the config leaves unset.
+      train_split, eval_splits: opened data splits (``train_split`` is ``None`` in eval mode).
+      train_preprocess, eval_preprocess: the per-example host transforms.
+      step_batch: examples per train step (``batch_size / grad_accum_steps``); ``eval_batch``.
+      steps_per_epoch, updates_per_epoch: train steps / optimizer updates per pass over the train split.
+      total_steps: train steps of the whole run.
+      tx, schedule: the optimizer and its learning rate per optimizer update.
+      loss: the training loss object (:mod:`jvit.train.losses`).
+      abstract_state: the :class:`TrainState`'s shapes and dtypes (the restore target with
+        :meth:`restore_target`).
+    """
 
     config: ml_collections.ConfigDict
+    mode: str
     mesh: jax.sharding.Mesh
-    img_size: int
+    model: Any
     num_classes: int
+    class_names: tuple[str, ...] | None
+    img_size: int
+    crop_pct: float
+    interpolation: str
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    model: Any
-    train_split: sources.Split
+    train_split: sources.Split | None
     eval_splits: dict[str, sources.Split]
-    train_preprocess: preprocess.Preprocessor
+    train_preprocess: preprocess.Preprocessor | None
     eval_preprocess: preprocess.Preprocessor
-    step_batch: int  # examples per train step (batch_size / grad_accum_steps)
+    step_batch: int
     eval_batch: int
-    total_steps: int
     steps_per_epoch: float
+    updates_per_epoch: float
+    total_steps: int
+    tx: optax.GradientTransformation
+    schedule: optim.Schedule
+    loss: Any
+    abstract_state: state_lib.TrainState
+
+    def state_shardings(self) -> Any:
+        """``NamedSharding`` of every leaf of the train state on this experiment's mesh."""
+        return sharding.state_shardings(self.abstract_state, self.mesh, self.config.mesh.fsdp_min_size)
+
+    def restore_target(self) -> Any:
+        """The train state as ``ShapeDtypeStruct``s carrying their shardings (what a checkpoint restores into)."""
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract_state,
+                            self.state_shardings())
+
+    def resolved_config(self) -> dict[str, Any]:
+        """The config with every resolved value filled in, as written to ``<workdir>/config.json``."""
+        resolved = self.config.to_dict()
+        resolved["model"].update(img_size=self.img_size, num_classes=self.num_classes)
+        resolved["input"].update(mean=list(self.mean), std=list(self.std), crop_pct=self.crop_pct,
+                                 eval_interpolation=self.interpolation)
+        resolved["num_train_steps"] = self.total_steps
+        if self.class_names is not None:
+            resolved["classes"] = list(self.class_names)
+        return resolved
 
 
-def setup(config: ml_collections.ConfigDict, *, train: bool = True) -> Experiment:
-    """Validate ``config`` and resolve the mesh, data splits, model and run length."""
+def _saved_run(workdir: str | None) -> dict[str, Any]:
+    """The resolved config a previous run wrote into ``workdir`` (empty when there is none)."""
+    path = os.path.join(workdir, "config.json") if workdir else ""
+    if not path or not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _checkpoint_classes(config: ml_collections.ConfigDict, workdir: str | None) -> tuple[int | None, tuple | None]:
+    """``(num_classes, class names)`` of what eval mode scores: the workdir's run, else ``init_from``'s
+    metadata (a converted directory), else unknown."""
+    run = _saved_run(workdir)
+    if run:
+        names = run.get("classes")
+        return run["model"]["num_classes"], tuple(names) if names else None
+    if config.init_from and os.path.isdir(os.path.expanduser(config.init_from)):
+        meta_path = os.path.join(os.path.expanduser(config.init_from), jvit.checkpoint.METADATA_FILE)
+        if os.path.isfile(meta_path):
+            with open(meta_path) as f:
+                meta = json.load(f)
+            names = meta.get("classes")
+            return meta.get("num_classes"), tuple(names) if names else None
+    return None, None
+
+
+def setup(config: ml_collections.ConfigDict, *, mode: str = "train", workdir: str | None = None) -> Experiment:
+    """Validate ``config`` and resolve everything a run needs (see :class:`Experiment`).
+
+    ``mode='eval'`` opens only the eval splits: the class count comes from ``model.num_classes``,
+    the run in ``workdir``, ``init_from``'s metadata, or else the eval splits.
+    """
+    if mode not in ("train", "eval"):
+        raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
     config_lib.validate(config)
     if config.distributed:
         jax.distributed.initialize()
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     pretrained = jvit.get_pretrained_cfg(config.model.name, config.model.img_size)
     img_size = pretrained.img_size
-    train_split = sources.open_split(config.input, config.input.train_split, train=True, img_size=img_size,
-                                     seed=config.seed)
-    num_classes = config.model.num_classes or train_split.num_classes
-    if num_classes < train_split.num_classes:
-        raise config_lib.ConfigError(
-            f"model.num_classes={num_classes} < the dataset's {train_split.num_classes} classes")
-    eval_splits = {s: sources.open_split(config.input, s, train=False, img_size=img_size, seed=config.seed)
-                   for s in config.input.eval_splits}
+    open_split = functools.partial(sources.open_split, config.input, img_size=img_size, seed=config.seed)
+    train_split = open_split(config.input.train_split, train=True) if mode == "train" else None
+    eval_splits = {s: open_split(s, train=False) for s in config.input.eval_splits}
+
+    if train_split is not None:
+        num_classes, class_names = train_split.num_classes, train_split.class_names
+    else:
+        num_classes, class_names = _checkpoint_classes(config, workdir)
+        if num_classes is None:
+            num_classes = max((s.num_classes for s in eval_splits.values()), default=pretrained.num_classes)
+            class_names = next((s.class_names for s in eval_splits.values() if s.num_classes == num_classes), None)
+    if config.model.num_classes:
+        if train_split is not None and config.model.num_classes < train_split.num_classes:
+            raise ConfigError(f"model.num_classes={config.model.num_classes} < the dataset's {train_split.num_classes} "
+                              "classes")
+        if config.model.num_classes != num_classes:
+            num_classes, class_names = config.model.num_classes, None
     for name, split in eval_splits.items():
         if split.num_classes > num_classes:
-            raise config_lib.ConfigError(f"eval split {name!r} has {split.num_classes} classes, the model {num_classes}")
-    mean = tuple(config.input.mean) or pretrained.mean
-    train_preprocess = preprocess.train_preprocessor(config, img_size=img_size, mean=mean)
-    eval_preprocess = preprocess.eval_preprocessor(
-        config, img_size=img_size, crop_pct=config.input.crop_pct or pretrained.crop_pct,
-        interpolation=config.input.eval_interpolation or pretrained.interpolation)
+            raise ConfigError(f"eval split {name!r} has {split.num_classes} classes, the model {num_classes}")
+
     devices = jax.device_count()
     step_batch = config.batch_size // config.grad_accum_steps
     eval_batch = config.eval_batch_size or step_batch
     for name, b in (("batch_size / grad_accum_steps", step_batch), ("eval_batch_size", eval_batch)):
         if b % devices:
-            raise config_lib.ConfigError(f"{name} = {b} is not divisible by the {devices} devices")
-    steps_per_epoch = len(train_split.data) / step_batch
-    total = config.num_train_steps or math.ceil((config.num_epochs + config.cooldown_epochs) * steps_per_epoch)
-    if total % config.grad_accum_steps:
-        total += config.grad_accum_steps - total % config.grad_accum_steps  # end on a whole update
+            raise ConfigError(f"{name} = {b} is not divisible by the {devices} devices")
+    if train_split is not None:
+        steps_per_epoch = len(train_split.data) / step_batch
+        total = config.num_train_steps or math.ceil((config.num_epochs + config.cooldown_epochs) * steps_per_epoch)
+        if total % config.grad_accum_steps:
+            total += config.grad_accum_steps - total % config.grad_accum_steps  # end on a whole update
+    else:  # eval: the schedule is never evaluated; the optimizer only gives the state's structure
+        steps_per_epoch, total = 1.0, 0
+    updates_per_epoch = steps_per_epoch / config.grad_accum_steps
+    tx, schedule = optim.make_optimizer(config, updates_per_epoch)
+    model = state_lib.build_model(config, num_classes)
+    loss = losses.make_loss(config)
+    loss.check_model(model)
+    init = jvit.utils.init_fn(model)
+    abstract = jax.eval_shape(lambda r: state_lib.new_state(init(r), tx, config), jax.random.key(0))
+    mean = tuple(config.input.mean) or pretrained.mean
+    crop_pct = config.input.crop_pct or pretrained.crop_pct
+    interpolation = config.input.eval_interpolation or pretrained.interpolation
     return Experiment(
-        config=config, mesh=mesh, img_size=img_size, num_classes=num_classes,
-        mean=mean, std=tuple(config.input.std) or pretrained.std,
-        model=state_lib.build_model(config, num_classes), train_split=train_split, eval_splits=eval_splits,
-        train_preprocess=train_preprocess, eval_preprocess=eval_preprocess,
-        step_batch=step_batch, eval_batch=eval_batch, total_steps=total, steps_per_epoch=steps_per_epoch,
+        config=config, mode=mode, mesh=mesh, model=model, num_classes=num_classes, class_names=class_names,
+        img_size=img_size, crop_pct=crop_pct, interpolation=interpolation, mean=mean,
+        std=tuple(config.input.std) or pretrained.std, train_split=train_split, eval_splits=eval_splits,
+        train_preprocess=preprocess.train_preprocessor(config, img_size=img_size, mean=mean) if train_split else None,
+        eval_preprocess=preprocess.eval_preprocessor(config, img_size=img_size, crop_pct=crop_pct,
+                                                     interpolation=interpolation),
+        step_batch=step_batch, eval_batch=eval_batch, steps_per_epoch=steps_per_epoch,
+        updates_per_epoch=updates_per_epoch, total_steps=total, tx=tx, schedule=schedule, loss=loss,
+        abstract_state=abstract,
     )
 
 
 def save_config(exp: Experiment, workdir: str) -> None:
-    """Write the config with its resolved values (image size, classes, mean/std, length) to
-    ``<workdir>/config.json``, warning about fields that changed since the previous run there."""
-    resolved = exp.config.to_dict()
-    resolved["model"].update(img_size=exp.img_size, num_classes=exp.num_classes)
-    pretrained = jvit.get_pretrained_cfg(exp.config.model.name, exp.config.model.img_size)
-    resolved["input"].update(mean=list(exp.mean), std=list(exp.std),
-                             crop_pct=exp.config.input.crop_pct or pretrained.crop_pct,
-                             eval_interpolation=exp.config.input.eval_interpolation or pretrained.interpolation)
-    resolved["num_train_steps"] = exp.total_steps
+    """Write :meth:`Experiment.resolved_config` to ``<workdir>/config.json`` (process 0), warning
+    about fields that changed since the previous run there."""
     path = os.path.join(workdir, "config.json")
-    text = json.dumps(resolved, indent=2, sort_keys=True, default=str)
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+    text = json.dumps(exp.resolved_config(), indent=2, sort_keys=True, default=str)
+    old = _saved_run(workdir)
+    if old:
         changed = _diff(old, json.loads(text))
         if changed:
             log.warning("config differs from the previous run in %s: %s", workdir, ", ".join(changed))
@@ -122,46 +221,32 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [prefix[:-1]] if a != b else []
 
 
-def abstract_state(exp: Experiment, tx) -> tuple[Any, Any, Any]:
-    """``(abstract TrainState, its shardings, the variables' init function)``, allocating nothing."""
-    model = exp.model
-    x = jnp.zeros((1, exp.img_size, exp.img_size, 3), jnp.float32)
-
-    def init(rng):
-        variables = model.init(rng, x, train=False)
-        return {k: v for k, v in variables.items() if k != "intermediates"}
-
-    abstract = jax.eval_shape(lambda r: state_lib.new_state(init(r), tx, exp.config), jax.random.key(0))
-    shardings = sharding.state_shardings(abstract, exp.mesh, exp.config.mesh.fsdp_min_size)
-    return abstract, shardings, init
-
-
-def initial_state(exp: Experiment, tx) -> tuple[state_lib.TrainState, Any]:
+def initial_state(exp: Experiment) -> state_lib.TrainState:
     """Step-0 state (fresh init, or ``init_from`` weights), created directly in its shardings."""
-    _, shardings, init = abstract_state(exp, tx)
-    rng = jax.random.key(exp.config.seed)
-    make_state = lambda v: state_lib.new_state(v, tx, exp.config)  # noqa: E731
-    if not exp.config.init_from:
-        return jax.jit(lambda r: make_state(init(r)), out_shardings=shardings)(rng), shardings
+    config, shardings = exp.config, exp.state_shardings()
+    init = jvit.utils.init_fn(exp.model)
+    rng = jax.random.key(config.seed)
+    make_state = lambda v: state_lib.new_state(v, exp.tx, config)  # noqa: E731
+    if not config.init_from:
+        return jax.jit(lambda r: make_state(init(r)), out_shardings=shardings)(rng)
     fresh = jax.device_get(jax.jit(init)(rng))
-    loaded = state_lib.load_pretrained(exp.config)
+    loaded = state_lib.load_pretrained(config)
     merged, reinit = state_lib.merge_pretrained(fresh, loaded, exp.num_classes)
-    log.info("initialised from %s%s", exp.config.init_from,
+    log.info("initialised from %s%s", config.init_from,
              f"; re-initialised for {exp.num_classes} classes: {', '.join(reinit)}" if reinit else "")
-    return jax.jit(make_state, out_shardings=shardings)(merged), shardings
+    return jax.jit(make_state, out_shardings=shardings)(merged)
 
 
-def compiled_steps(exp: Experiment, tx, state_shardings):
-    """The jitted ``(train_step, eval_step)``: the train step takes and returns the state in
-    ``state_shardings`` (donated) and the batch split over the mesh."""
+def compiled_steps(exp: Experiment):
+    """The jitted ``(train_step, eval_step)``: the train step takes and returns the state in its
+    shardings (donated) and the batch split over the mesh."""
     batch = sharding.batch_sharding(exp.mesh)
-    loss_fn = losses.LOSSES[exp.config.loss.name]
+    shardings = exp.state_shardings()
     train = jax.jit(
-        functools.partial(steps.train_step, model=exp.model, tx=tx, loss_fn=loss_fn, config=exp.config,
-                          mean=exp.mean, std=exp.std, num_classes=exp.num_classes,
-                          token_grid=getattr(exp.model, "token_grid", None)),
-        in_shardings=(state_shardings, batch),
-        out_shardings=(state_shardings, sharding.replicated(exp.mesh)),
+        functools.partial(steps.train_step, model=exp.model, tx=exp.tx, loss=exp.loss, config=exp.config,
+                          mean=exp.mean, std=exp.std, num_classes=exp.num_classes),
+        in_shardings=(shardings, batch),
+        out_shardings=(shardings, sharding.replicated(exp.mesh)),
         donate_argnums=0,
     )
     evaluate = jax.jit(functools.partial(steps.eval_step, model=exp.model, mean=exp.mean, std=exp.std),
@@ -213,16 +298,19 @@ def _check_finite(step: int, metrics: dict[str, Any], last_checkpoint: int | Non
     return values["loss"]
 
 
+def _final_line(step: int, results: dict[str, float], t0: float | None = None) -> None:
+    """Print the run's ``final: step=N name=value ...`` line (what scripts and tests grep for)."""
+    wall = "" if t0 is None else f" wall_s={time.time() - t0:.0f}"
+    print(f"final: step={step} " + " ".join(f"{k}={v:.4f}" for k, v in results.items()) + wall, flush=True)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Train ``config`` in ``workdir`` (resuming from its latest checkpoint), evaluating every
     ``eval_every_steps`` and at the end; returns the final metrics and prints the ``final:`` line."""
     t0 = time.time()
-    exp = setup(config)
+    exp = setup(config, workdir=workdir)
     os.makedirs(workdir, exist_ok=True)
     save_config(exp, workdir)
-    primary = jax.process_index() == 0
-    updates_per_epoch = exp.steps_per_epoch / config.grad_accum_steps
-    tx, schedule = optim.make_optimizer(config, updates_per_epoch)
     iterator = pipeline.train_iterator(
         exp.train_split.data, batch_size=exp.step_batch, preprocess=exp.train_preprocess, seed=config.seed,
         repeated_aug=config.augment.repeated_aug, num_threads=config.input.num_threads,
@@ -231,21 +319,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ckpt = Checkpointer(workdir, keep=config.checkpoint.keep, use_async=config.checkpoint.use_async)
     latest = ckpt.latest_step()
     if latest is None:
-        state, shardings = initial_state(exp, tx)
+        state = initial_state(exp)
     else:
-        abstract, shardings, _ = abstract_state(exp, tx)
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-        state = ckpt.restore(latest, target, iterator)
+        state = ckpt.restore(latest, exp.restore_target(), iterator)
         log.info("resumed from %s at step %d", ckpt.directory, latest)
-    train_fn, eval_fn = compiled_steps(exp, tx, shardings)
+    train_fn, eval_fn = compiled_steps(exp)
     log.info("%s: %d classes at %dpx, %s params; %d steps of %d examples (%.1f steps/epoch) on a %s mesh",
              config.model.name, exp.num_classes, exp.img_size, f"{jvit.count_params(state.params):,}",
              exp.total_steps, exp.step_batch, exp.steps_per_epoch, dict(exp.mesh.shape))
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("parameters:\n%s", parameter_overview.get_parameter_overview(state.params, include_stats=False))
 
     eval_every = config.eval_every_steps
     if eval_every is None:
         eval_every = max(1, round(exp.steps_per_epoch))
-    reporter = Reporter(workdir, exp.total_steps, primary=primary)
+    reporter = Reporter(workdir, exp.total_steps, primary=jax.process_index() == 0,
+                        log_every_steps=config.log_every_steps, profile_first_step=config.profile.first_step,
+                        profile_num_steps=config.profile.num_steps)
     step = int(state.step)
     last_checkpoint, last_loss, results = latest, float("nan"), {}
     pending = None  # (step, metrics) of the step in flight, checked one step later
@@ -254,6 +344,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             batch = sharding.global_batch(next(iterator), exp.mesh)
             state, metrics = train_fn(state, batch)
             step += 1
+            reporter.step(step)
             if pending is not None:
                 last_loss = _check_finite(*pending, last_checkpoint, workdir)
             pending = (step, metrics)
@@ -264,15 +355,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 last_loss = _check_finite(*pending, last_checkpoint, workdir)
                 pending = None
             if log_now:
-                reporter.progress(step, last_loss, float(schedule((step - 1) // config.grad_accum_steps)),
-                                  exp.step_batch)
-            if step == 1 or (latest is not None and step == latest + 1):
-                reporter.start(step)  # exclude compilation from img/s and ETA
+                lr = float(exp.schedule((step - 1) // config.grad_accum_steps))
+                reporter.progress(step, last_loss, lr, exp.step_batch)
             if save:
                 ckpt.save(step, state, iterator)
                 last_checkpoint = step
             if evaluate:
-                results = run_evals(exp, eval_fn, state)
+                with reporter.timed("eval"):
+                    results = run_evals(exp, eval_fn, state)
                 reporter.scalars(step, results, console=True)
         if not results:  # resumed a finished run: evaluate its final state
             results = run_evals(exp, eval_fn, state)
@@ -285,31 +375,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             log.warning("%d unreadable training images were skipped (each replaced by the next readable one); "
                         "the warnings above name them", skipped)
     results = {"train/loss": last_loss, **results}
-    summary = " ".join(f"{k}={v:.4f}" for k, v in results.items())
-    print(f"final: step={step} {summary} wall_s={time.time() - t0:.0f}", flush=True)
+    _final_line(step, results, t0)
     return {"step": step, **results}
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Eval-only: score the latest checkpoint in ``workdir`` (or, with none, ``config.init_from``)
-    on the configured eval splits and print the ``final:`` line."""
-    exp = setup(config)
-    tx, _ = optim.make_optimizer(config, exp.steps_per_epoch / config.grad_accum_steps)
+    """Eval-only: score the latest checkpoint in ``workdir`` (or, with none, ``config.init_from``:
+    a converted directory or a released ``.pth``) on the configured eval splits and print the
+    ``final:`` line. The training split is never opened: the classes come from the checkpoint."""
+    exp = setup(config, mode="eval", workdir=workdir)
     ckpt = Checkpointer(workdir, keep=config.checkpoint.keep, use_async=False)
     latest = ckpt.latest_step()
     try:
         if latest is not None:
-            abstract, shardings, _ = abstract_state(exp, tx)
-            target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-            state = ckpt.restore(latest, target, None)
+            state = ckpt.restore(latest, exp.restore_target(), None)
         elif config.init_from:
-            state, shardings = initial_state(exp, tx)
+            state = initial_state(exp)
         else:
-            raise config_lib.ConfigError(f"nothing to evaluate: no checkpoint in {ckpt.directory} and no config.init_from")
+            raise ConfigError(f"nothing to evaluate: no checkpoint in {ckpt.directory} and no config.init_from")
     finally:
         ckpt.close()
-    _, eval_fn = compiled_steps(exp, tx, shardings)
+    _, eval_fn = compiled_steps(exp)
     results = run_evals(exp, eval_fn, state)
     step = int(state.step)
-    print(f"final: step={step} " + " ".join(f"{k}={v:.4f}" for k, v in results.items()), flush=True)
+    _final_line(step, results)
     return {"step": step, **results}

@@ -8,7 +8,6 @@ other collections (BatchNorm statistics, frozen tables) never reach the optimize
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Any, Callable
 
@@ -27,6 +26,30 @@ def peak_lr(config: ml_collections.ConfigDict) -> float:
     return o.lr * config.batch_size / o.lr_base_batch_size if o.lr_base_batch_size else o.lr
 
 
+def validate(config: ml_collections.ConfigDict) -> list[str]:
+    """Errors of the ``optimizer`` section (each message names the field)."""
+    o, errors = config.optimizer, []
+    checks = (
+        (o.name in ("adamw",), f"optimizer.name={o.name!r} is not one of: adamw"),
+        (o.lr > 0, f"optimizer.lr={o.lr} must be positive"),
+        (o.lr_base_batch_size >= 0, f"optimizer.lr_base_batch_size={o.lr_base_batch_size} must be >= 0"),
+        (0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"optimizer.b1={o.b1}, b2={o.b2} must be in [0, 1)"),
+        (o.eps > 0, f"optimizer.eps={o.eps} must be positive"),
+        (o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay} must be >= 0"),
+        (o.clip_grad_norm >= 0, f"optimizer.clip_grad_norm={o.clip_grad_norm} must be >= 0"),
+        (o.warmup_epochs >= 0, f"optimizer.warmup_epochs={o.warmup_epochs} must be >= 0"),
+        (o.warmup_lr >= 0 and o.min_lr >= 0, f"optimizer.warmup_lr={o.warmup_lr}, min_lr={o.min_lr} must be >= 0"),
+    )
+    errors += [message for ok, message in checks if not ok]
+    for field in ("wd_exclude", "wd_include"):
+        for pattern in o[field]:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                errors.append(f"optimizer.{field} entry {pattern!r} is not a regex: {e}")
+    return errors
+
+
 def lr_schedule(config: ml_collections.ConfigDict, updates_per_epoch: float) -> Schedule:
     """Learning rate as a function of the optimizer-update count, timm's ``CosineLRScheduler``::
 
@@ -34,28 +57,32 @@ def lr_schedule(config: ml_collections.ConfigDict, updates_per_epoch: float) -> 
         t < num_epochs:   min_lr + (lr - min_lr) * (1 + cos(pi * t / num_epochs)) / 2
         afterwards:       min_lr                                           (cooldown)
 
-    with ``t`` in epochs. The originals step it once per epoch (``lr_per_epoch=True`` floors ``t``);
-    the default evaluates it at every update, which is smoother and the same curve otherwise.
-    (timm's DeiT-style loops also lag one epoch behind, e.g. epochs 0 and 1 both at ``warmup_lr``;
-    that off-by-one is not reproduced.)
+    with ``t`` in epochs, composed from optax's linear and cosine schedules. The originals step it
+    once per epoch (``lr_per_epoch=True`` floors ``t``); the default evaluates it at every update,
+    which is smoother and the same curve otherwise. (timm's DeiT-style loops also lag one epoch
+    behind, e.g. epochs 0 and 1 both at ``warmup_lr``; that off-by-one is not reproduced.)
     """
     o = config.optimizer
-    lr, warmup, total = peak_lr(config), o.warmup_epochs, config.num_epochs
+    lr, warmup = peak_lr(config), o.warmup_epochs
+    # timm's cosine runs over t from 0 (not from the end of the warmup), so it is shifted by it.
+    cosine = optax.cosine_decay_schedule(lr, config.num_epochs, alpha=o.min_lr / lr)
+    in_epochs = cosine
+    if warmup > 0:
+        # Written as timm writes it: optax.linear_schedule's ``(start - end) * frac + end`` in float32
+        # starts at warmup_lr only to ~1e-5 relative.
+        warm = lambda t: o.warmup_lr + (lr - o.warmup_lr) * t / warmup  # noqa: E731
+        in_epochs = optax.join_schedules([warm, lambda t: cosine(t + warmup)], [warmup])
 
     def schedule(count: jax.Array) -> jax.Array:
         t = jnp.asarray(count, jnp.float32) / updates_per_epoch
-        if o.lr_per_epoch:
-            t = jnp.floor(t)
-        warm = o.warmup_lr + (lr - o.warmup_lr) * t / max(warmup, 1e-12)
-        cosine = o.min_lr + 0.5 * (lr - o.min_lr) * (1.0 + jnp.cos(math.pi * jnp.minimum(t / total, 1.0)))
-        return jnp.where(t < warmup, warm, jnp.where(t < total, cosine, o.min_lr))
+        return in_epochs(jnp.floor(t) if o.lr_per_epoch else t)
 
     return schedule
 
 
 def param_path(path: tuple[Any, ...]) -> str:
     """``'blocks_0/attn/qkv/kernel'`` from a pytree key path."""
-    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def weight_decay_mask(params: Any, config: ml_collections.ConfigDict) -> Any:

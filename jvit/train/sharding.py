@@ -21,6 +21,17 @@ from jvit.errors import ConfigError
 BATCH_AXES = ("data", "fsdp")
 
 
+def validate(mesh_config: Any) -> list[str]:
+    """Errors of the config's ``mesh`` section."""
+    m = mesh_config
+    checks = (
+        (m.data == -1 or m.data >= 1, f"mesh.data={m.data} must be -1 or >= 1"),
+        (m.fsdp >= 1, f"mesh.fsdp={m.fsdp} must be >= 1"),
+        (m.fsdp_min_size >= 0, f"mesh.fsdp_min_size={m.fsdp_min_size} must be >= 0"),
+    )
+    return [message for ok, message in checks if not ok]
+
+
 def make_mesh(data: int = -1, fsdp: int = 1, devices: list[jax.Device] | None = None) -> Mesh:
     """A ``(data, fsdp)`` mesh over ``devices`` (all by default); ``data=-1`` takes the rest."""
     devices = jax.devices() if devices is None else devices

@@ -8,19 +8,18 @@ for token labeling the dense targets and the MixToken box. Every random draw com
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
-from jvit.train import batch_augment, optim, token_labels
-from jvit.train.losses import soft_targets
+from jvit.train import batch_augment, optim
+from jvit.train.losses import SoftmaxXent, TokenLabel
 from jvit.train.state import TrainState
-
-Loss = Callable[[Any, dict[str, jax.Array]], jax.Array]
 
 
 def normalize(images: jax.Array, mean: tuple[float, ...], std: tuple[float, ...]) -> jax.Array:
@@ -29,68 +28,23 @@ def normalize(images: jax.Array, mean: tuple[float, ...], std: tuple[float, ...]
     return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
-def make_targets(
-    rng: jax.Array,
-    images: jax.Array,
-    batch: dict[str, jax.Array],
-    *,
-    num_classes: int,
-    config: ml_collections.ConfigDict,
-    token_grid: tuple[int, int] | None,
-) -> tuple[jax.Array, dict[str, jax.Array], jax.Array | None]:
-    """Augment normalised ``images`` and build the loss targets; returns ``(images, targets, mix_box)``.
-
-    * random erasing (timm ``RandomErasing``, mode 'pixel') with ``augment.random_erasing``;
-    * ``targets["class"]``: smoothed one-hot labels, mixed with the batch flipped by Mixup/CutMix
-      (timm ``Mixup``, mode 'batch') when an alpha is set;
-    * token labeling: ``targets["lam"]`` (1 without MixToken) and, when the batch carries score
-      maps, the dense ``image`` / ``crop`` / ``tokens`` targets on the ``token_grid``; ``mix_box``
-      is the MixToken box (``None`` when off).
-    """
-    a, smoothing = config.augment, config.loss.label_smoothing
-    erase_key, mix_key, token_key = jax.random.split(rng, 3)
-    if a.random_erasing:
-        images = batch_augment.random_erasing(erase_key, images, a.random_erasing)
-    targets = {"class": soft_targets(batch["label"], num_classes, smoothing)}
-    if a.mixup_alpha or a.cutmix_alpha:
-        images, targets["class"], _ = batch_augment.mixup_cutmix(
-            mix_key, images, targets["class"], mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha,
-            prob=a.mixup_prob, switch_prob=a.mixup_switch_prob)
-    mix_box = None
-    if config.loss.name == "token_label":
-        if token_grid is None:
-            raise ValueError("loss.name='token_label' needs a model with a token grid (SP-ViT with its aux head)")
-        targets["lam"] = jnp.float32(1.0)
-        if a.mix_token:
-            mix_box = batch_augment.mix_token_box(token_key, *token_grid)
-            targets["lam"] = batch_augment.mix_token_lam(mix_box, token_grid[0] * token_grid[1])
-        if "score_map" in batch:
-            if token_grid[0] != token_grid[1]:
-                raise ValueError(f"dense token labels need a square token grid, got {token_grid}")
-            targets.update(token_labels.dense_targets(
-                batch["score_map"], batch["crop_box"], batch["label"], num_classes=num_classes,
-                label_size=token_grid[0], smoothing=smoothing,
-                transposed_crop=config.loss.token_label_transposed_crop))
-    return images, targets, mix_box
-
-
 def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
     *,
     model: nn.Module,
     tx: optax.GradientTransformation,
-    loss_fn: Loss,
+    loss: SoftmaxXent | TokenLabel,
     config: ml_collections.ConfigDict,
     mean: tuple[float, ...],
     std: tuple[float, ...],
     num_classes: int,
-    token_grid: tuple[int, int] | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One step on a global batch ``{"image": uint8 [B, H, W, 3], "label": int [B], ...}``.
 
     Dropout and drop-path draw from the ``dropout`` rng ``fold_in(key(seed), step)`` and the
-    augmentation (:func:`make_targets`) from a key folded from it, so a step's randomness depends
+    augmentation (random erasing, then the loss's own :meth:`targets`: Mixup/CutMix or MixToken)
+    from keys folded from it, so a step's randomness depends
     only on the seed and its index (resumed runs replay it exactly). Mutable
     collections (BatchNorm statistics) come back from the train-mode forward; ``frozen`` is only
     read. The EMA moves only on steps where the optimizer applied an update.
@@ -98,18 +52,22 @@ def train_step(
     Returns the new state and metrics ``loss``, ``grad_norm``, ``param_norm`` (scalars; the
     caller stops the run when one of them is not finite).
     """
+    chex.assert_rank(batch["image"], 4)
+    chex.assert_type(batch["image"], jnp.uint8)
     rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
-    images, targets, mix_box = make_targets(jax.random.fold_in(rng, 1), normalize(batch["image"], mean, std), batch,
-                                            num_classes=num_classes, config=config, token_grid=token_grid)
+    erase_key, target_key = jax.random.split(jax.random.fold_in(rng, 1))
+    images = normalize(batch["image"], mean, std)
+    if config.augment.random_erasing:
+        images = batch_augment.random_erasing(erase_key, images, config.augment.random_erasing)
+    images, targets, apply_kwargs = loss.targets(target_key, images, batch, model=model, num_classes=num_classes)
     mutable = [k for k in state.collections if k != "frozen"]
-    extra = {} if mix_box is None else {"mix_box": mix_box}
 
     def loss_of(params):
         outputs, updates = model.apply({"params": params, **state.collections}, images, train=True,
-                                       rngs={"dropout": rng}, mutable=mutable, **extra)
-        return loss_fn(outputs, targets).mean(), updates
+                                       rngs={"dropout": rng}, mutable=mutable, **apply_kwargs)
+        return loss(outputs, targets).mean(), updates
 
-    (loss, updates), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+    (loss_value, updates), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
     param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, param_updates)
     collections = {**state.collections, **updates}
@@ -121,7 +79,7 @@ def train_step(
         ema = {k: jax.tree.map(lambda e, x: decay * e + (1.0 - decay) * x, v, current[k]) for k, v in ema.items()}
 
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, collections=collections, ema=ema)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params)}
+    metrics = {"loss": loss_value, "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params)}
     return new_state, metrics
 
 
