@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from jvit.data import pipeline, preprocess, sources
+from jvit.errors import ConfigError
 from jvit.train import config as config_lib
 from jvit.train import loop, steps
 from test_train import load_config
