@@ -41,6 +41,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     pylogging.getLogger("absl").addFilter(_QuietLibraries())
     run = loop.train_and_evaluate if _MODE.value == "train" else loop.evaluate_checkpoint
+    loop.enable_compilation_cache(_CONFIG.value, _WORKDIR.value)
     try:
         run(_CONFIG.value, _WORKDIR.value)
     except (ConfigError, loop.NonFiniteLossError) as e:

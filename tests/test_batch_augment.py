@@ -246,3 +246,23 @@ def test_mix_token_box(grid, timm_mixup):
     freq = [np.bincount(a, minlength=gh * gw + 1) / n for a in (area, ref_area)]
     assert 0.5 * np.abs(freq[0] - freq[1]).sum() < 0.06
     assert (lams == 1).any()  # empty boxes occur, as in the original
+
+
+def test_mixup_per_shard_mixes_each_device_batch_on_its_own():
+    """Per-shard Mixup/CutMix is the original's per-GPU Mixup: shard ``s`` is mixed exactly as
+    :func:`mixup_cutmix` mixes that slice alone with the shard's own key (own lam, own box, partner
+    reversed inside the shard), so no example is paired across shards."""
+    shards, per, k = 4, 3, 5
+    images = jax.random.normal(jax.random.key(0), (shards * per, 16, 16, 3))
+    targets = soft_targets(jnp.arange(shards * per) % k, k, 0.1)
+    kwargs = dict(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5)
+    key = jax.random.key(3)
+    mixed, mixed_targets, lam = batch_augment.mixup_cutmix_per_shard(key, images, targets, shards=shards, **kwargs)
+    assert lam.shape == (shards,)
+    for s, shard_key in enumerate(jax.random.split(key, shards)):
+        rows = slice(s * per, (s + 1) * per)
+        ref_images, ref_targets, ref_lam = batch_augment.mixup_cutmix(shard_key, images[rows], targets[rows], **kwargs)
+        np.testing.assert_allclose(mixed[rows], ref_images, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(mixed_targets[rows], ref_targets, rtol=1e-6, atol=1e-6)
+        assert float(lam[s]) == pytest.approx(float(ref_lam))
+    assert len({round(float(x), 6) for x in lam}) == shards  # independent draws per shard

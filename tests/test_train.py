@@ -391,3 +391,38 @@ def test_eval_mode_opens_no_train_split(tmp_path, monkeypatch):
     evaluated = loop.evaluate_checkpoint(tiny_config(), workdir)
     assert opened == [("test", False)]
     assert evaluated == {k: v for k, v in trained.items() if k != "train/loss"}
+
+
+def test_mixup_pairs_within_each_device_no_collective_permute():
+    """The compiled train step on 8 devices with Mixup/CutMix: every device mixes its own rows, so the
+    HLO holds no collective-permute (the global batch reversal needs one that moves every image)."""
+    config = tiny_config(**{"augment.mixup_alpha": 0.8, "augment.cutmix_alpha": 1.0})
+    exp = loop.setup(config)
+    assert exp.loss.batch_shards == 8
+    state = loop.initial_state(exp)
+    iterator = pipeline.train_iterator(exp.train_split.data, batch_size=16, preprocess=exp.train_preprocess, seed=0)
+    batch = sharding.global_batch(next(iterator), exp.mesh)
+
+    def hlo(run):
+        return loop.compiled_steps(run)[0].lower(state, batch).compile().as_text()
+
+    assert "collective-permute" not in hlo(exp)
+    global_flip = dataclasses.replace(exp, loss=dataclasses.replace(exp.loss, batch_shards=1))
+    assert "collective-permute" in hlo(global_flip)  # what the check would catch
+
+
+def test_cli_compiles_ahead_of_time_into_the_workdir_cache(tmp_path):
+    """``python -m jvit.main`` says when it compiles the train step and how long it took, and keeps the
+    compiled program in ``<workdir>/compilation_cache`` so that a restart reads it instead."""
+    import subprocess
+    import sys
+
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "jvit.main", f"--config={ROOT / 'configs' / 'default.py'}", f"--workdir={workdir}",
+           "--config.num_train_steps=2", "--config.eval_every_steps=0", f"--config.input.data_dir={tmp_path / 'data'}"]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "compiling the train step" in out.stderr and "compiled the train step in" in out.stderr
+    assert any((workdir / "compilation_cache").iterdir())
+    assert "final: step=2 " in out.stdout

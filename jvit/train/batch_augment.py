@@ -205,6 +205,34 @@ def mixup_cutmix(
     return mixed_images, mixed_targets, lam
 
 
+def mixup_cutmix_per_shard(
+    key: jax.Array,
+    images: jax.Array,
+    targets: jax.Array,
+    *,
+    shards: int,
+    **kwargs,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`mixup_cutmix` run independently on each of ``shards`` equal, contiguous slices of the
+    batch; returns ``(images, targets, lam [shards])``.
+
+    With ``shards`` = the devices the batch is split over, each slice is one device's rows, so every
+    example is paired inside its own device's batch with a lam and a box drawn for that device: what
+    the originals do with one ``Mixup`` per GPU under DDP, and no image crosses devices (the global
+    reversal of :func:`mixup_cutmix` compiles to a collective-permute of the whole image batch).
+    """
+    b = images.shape[0]
+    if b % shards:
+        raise ValueError(f"batch {b} is not divisible into {shards} shards")
+
+    def one(k, x, t):
+        return mixup_cutmix(k, x, t, **kwargs)
+
+    split = lambda a: a.reshape(shards, b // shards, *a.shape[1:])  # noqa: E731
+    mixed, mixed_targets, lam = jax.vmap(one)(jax.random.split(key, shards), split(images), split(targets))
+    return mixed.reshape(images.shape), mixed_targets.reshape(targets.shape), lam
+
+
 def mix_token_box(key: jax.Array, grid_h: int, grid_w: int, alpha: float = 1.0) -> jax.Array:
     """LV-ViT/SP-ViT MixToken box on the token grid (Jiang et al., 2021): int32
     ``(bbx1, bby1, bbx2, bby2)`` = (row lo, col lo, row hi, col hi).

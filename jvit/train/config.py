@@ -143,6 +143,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.profile.first_step = 0
     c.profile.num_steps = 5
 
+    # Persistent XLA compilation cache: '' = <workdir>/compilation_cache, 'none' = off, or a directory
+    # (shared by runs; safe across hosts of one job).
+    c.compilation_cache_dir = ""
+
     c.log_every_steps = 50
     c.eval_every_steps = config_dict.placeholder(int)  # None: once per epoch; 0: only at the end
     return c

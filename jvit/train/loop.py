@@ -180,7 +180,7 @@ def setup(config: ml_collections.ConfigDict, *, mode: str = "train", workdir: st
     updates_per_epoch = steps_per_epoch / config.grad_accum_steps
     tx, schedule = optim.make_optimizer(config, updates_per_epoch)
     model = state_lib.build_model(config, num_classes)
-    loss = losses.make_loss(config)
+    loss = losses.make_loss(config, batch_shards=mesh.size)
     loss.check_model(model)
     init = jvit.utils.init_fn(model)
     abstract = jax.eval_shape(lambda r: state_lib.new_state(init(r), tx, config), jax.random.key(0))
@@ -298,6 +298,32 @@ def _check_finite(step: int, metrics: dict[str, Any], last_checkpoint: int | Non
     return values["loss"]
 
 
+def _compile(what: str, fn: Any, *args: Any) -> jax.stages.Compiled:
+    """Compile ``fn`` for ``args`` ahead of time, saying so and how long it took (a persistent
+    compilation cache, see :func:`enable_compilation_cache`, makes a restart's compile a cache read)."""
+    log.info("compiling the %s ...", what)
+    t0 = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    log.info("compiled the %s in %.1f s", what, time.perf_counter() - t0)
+    return compiled
+
+
+def enable_compilation_cache(config: ml_collections.ConfigDict, workdir: str) -> str | None:
+    """Point JAX's persistent compilation cache at ``config.compilation_cache_dir`` (``''``:
+    ``<workdir>/compilation_cache``; ``'none'``: off), so a resumed or restarted run loads its
+    compiled steps instead of compiling them again.
+
+    JAX reads this setting once per process, so the entry point (``jvit.main``) calls it before
+    anything is compiled. Returns the directory, or ``None`` when off.
+    """
+    directory = config.compilation_cache_dir
+    if directory == "none":
+        return None
+    directory = os.path.abspath(os.path.expanduser(directory or os.path.join(workdir, "compilation_cache")))
+    jax.config.update("jax_compilation_cache_dir", directory)
+    return directory
+
+
 def _final_line(step: int, results: dict[str, float], t0: float | None = None) -> None:
     """Print the run's ``final: step=N name=value ...`` line (what scripts and tests grep for)."""
     wall = "" if t0 is None else f" wall_s={time.time() - t0:.0f}"
@@ -342,6 +368,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     try:
         while step < exp.total_steps:
             batch = sharding.global_batch(next(iterator), exp.mesh)
+            if not isinstance(train_fn, jax.stages.Compiled):
+                train_fn = _compile("train step", train_fn, state, batch)
             state, metrics = train_fn(state, batch)
             step += 1
             reporter.step(step)

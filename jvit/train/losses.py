@@ -39,7 +39,8 @@ def soft_targets(labels: jax.Array, num_classes: int, label_smoothing: float) ->
 class SoftmaxXent:
     """Soft-target cross-entropy ``-sum_k t_k log softmax(z)_k`` (timm ``SoftTargetCrossEntropy``) of
     classification logits ``[B, K]``, with label smoothing and optional Mixup/CutMix (timm ``Mixup``,
-    mode 'batch': the targets are mixed like the images)."""
+    mode 'batch': the targets are mixed like the images), drawn per device shard of the batch
+    (``batch_shards``), as the originals' per-GPU ``Mixup`` does."""
 
     name: ClassVar[str] = "softmax_xent"
     label_smoothing: float = 0.0
@@ -47,11 +48,13 @@ class SoftmaxXent:
     cutmix_alpha: float = 0.0
     mixup_prob: float = 1.0
     mixup_switch_prob: float = 0.5
+    batch_shards: int = 1
 
     @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict) -> SoftmaxXent:
+    def from_config(cls, config: ml_collections.ConfigDict, batch_shards: int = 1) -> SoftmaxXent:
         a = config.augment
-        return cls(config.loss.label_smoothing, a.mixup_alpha, a.cutmix_alpha, a.mixup_prob, a.mixup_switch_prob)
+        return cls(config.loss.label_smoothing, a.mixup_alpha, a.cutmix_alpha, a.mixup_prob, a.mixup_switch_prob,
+                   batch_shards)
 
     @staticmethod
     def validate(config: ml_collections.ConfigDict) -> list[str]:
@@ -72,9 +75,9 @@ class SoftmaxXent:
         del model
         target = soft_targets(batch["label"], num_classes, self.label_smoothing)
         if self.mixup_alpha or self.cutmix_alpha:
-            images, target, _ = batch_augment.mixup_cutmix(
-                rng, images, target, mixup_alpha=self.mixup_alpha, cutmix_alpha=self.cutmix_alpha,
-                prob=self.mixup_prob, switch_prob=self.mixup_switch_prob)
+            images, target, _ = batch_augment.mixup_cutmix_per_shard(
+                rng, images, target, shards=self.batch_shards, mixup_alpha=self.mixup_alpha,
+                cutmix_alpha=self.cutmix_alpha, prob=self.mixup_prob, switch_prob=self.mixup_switch_prob)
         return images, {"class": target}, {}
 
     def __call__(self, outputs: Any, targets: Targets) -> jax.Array:
@@ -105,7 +108,8 @@ class TokenLabel:
     transposed_crop: bool = True
 
     @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict) -> TokenLabel:
+    def from_config(cls, config: ml_collections.ConfigDict, batch_shards: int = 1) -> TokenLabel:
+        del batch_shards  # MixToken swaps token regions inside the model
         return cls(config.loss.label_smoothing, config.augment.mix_token, config.loss.token_label_transposed_crop)
 
     @staticmethod
@@ -172,6 +176,7 @@ def validate(config: ml_collections.ConfigDict) -> list[str]:
     return errors
 
 
-def make_loss(config: ml_collections.ConfigDict) -> SoftmaxXent | TokenLabel:
-    """The loss ``config.loss.name`` names, with its settings from the config."""
-    return LOSSES[config.loss.name].from_config(config)
+def make_loss(config: ml_collections.ConfigDict, batch_shards: int = 1) -> SoftmaxXent | TokenLabel:
+    """The loss ``config.loss.name`` names, with its settings from the config; ``batch_shards`` is the
+    number of devices the batch is split over (batch-level augmentation stays within each)."""
+    return LOSSES[config.loss.name].from_config(config, batch_shards)
