@@ -9,6 +9,8 @@ import dataclasses
 import json
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -24,7 +26,7 @@ import jvit.utils
 from jvit.data import pipeline
 from jvit.errors import ConfigError
 from jvit.train import config as config_lib
-from jvit.train import loop, optim, sharding, state as state_lib
+from jvit.train import batch_augment, loop, optim, sharding, state as state_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -395,28 +397,28 @@ def test_eval_mode_opens_no_train_split(tmp_path, monkeypatch):
 
 def test_mixup_pairs_within_each_device_no_collective_permute():
     """The compiled train step on 8 devices with Mixup/CutMix: every device mixes its own rows, so the
-    HLO holds no collective-permute (the global batch reversal needs one that moves every image)."""
+    HLO holds no collective-permute (the global batch reversal compiles to one that moves every image:
+    the control at the end shows the check would see it)."""
     config = tiny_config(**{"augment.mixup_alpha": 0.8, "augment.cutmix_alpha": 1.0})
     exp = loop.setup(config)
-    assert exp.loss.batch_shards == 8
     state = loop.initial_state(exp)
     iterator = pipeline.train_iterator(exp.train_split.data, batch_size=16, preprocess=exp.train_preprocess, seed=0)
     batch = sharding.global_batch(next(iterator), exp.mesh)
+    assert "collective-permute" not in loop.compiled_steps(exp)[0].lower(state, batch).compile().as_text()
 
-    def hlo(run):
-        return loop.compiled_steps(run)[0].lower(state, batch).compile().as_text()
-
-    assert "collective-permute" not in hlo(exp)
-    global_flip = dataclasses.replace(exp, loss=dataclasses.replace(exp.loss, batch_shards=1))
-    assert "collective-permute" in hlo(global_flip)  # what the check would catch
+    images = jax.device_put(np.zeros((16, 8, 8, 3), np.float32), sharding.batch_sharding(exp.mesh))
+    targets = jax.device_put(np.zeros((16, 5), np.float32), sharding.batch_sharding(exp.mesh))
+    kwargs = dict(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5)
+    key = jax.random.key(0)
+    global_flip = jax.jit(lambda x, t: batch_augment.mixup_cutmix(key, x, t, **kwargs)[:2])
+    per_shard = jax.jit(lambda x, t: batch_augment.mixup_cutmix_per_shard(key, x, t, shards=8, **kwargs)[:2])
+    assert "collective-permute" in global_flip.lower(images, targets).compile().as_text()
+    assert "collective-permute" not in per_shard.lower(images, targets).compile().as_text()
 
 
 def test_cli_compiles_ahead_of_time_into_the_workdir_cache(tmp_path):
     """``python -m jvit.main`` says when it compiles the train step and how long it took, and keeps the
     compiled program in ``<workdir>/compilation_cache`` so that a restart reads it instead."""
-    import subprocess
-    import sys
-
     workdir = tmp_path / "run"
     cmd = [sys.executable, "-m", "jvit.main", f"--config={ROOT / 'configs' / 'default.py'}", f"--workdir={workdir}",
            "--config.num_train_steps=2", "--config.eval_every_steps=0", f"--config.input.data_dir={tmp_path / 'data'}"]

@@ -55,6 +55,7 @@ def validate(input_config: Any, augment_config: Any) -> list[str]:
         check(i[field] > 0, f"input.{field}={i[field]} must be positive")
     check(i.num_threads >= 0, f"input.num_threads={i.num_threads} must be >= 0")
     check(i.prefetch_batches >= 0, f"input.prefetch_batches={i.prefetch_batches} must be >= 0")
+    check(i.device_prefetch >= 0, f"input.device_prefetch={i.device_prefetch} must be >= 0")
 
     one_of("augment.train_interpolation", a.train_interpolation, TRAIN_INTERPOLATIONS)
     check(len(a.crop_scale) == 2 and 0 < a.crop_scale[0] <= a.crop_scale[1] <= 1,

@@ -86,6 +86,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.input.std = ()
     c.input.num_threads = 4  # grain reader threads per host
     c.input.prefetch_batches = 4
+    c.input.device_prefetch = 2  # global batches placed on the devices ahead of the step; 0: none
     c.input.mock_train_examples = 256  # 'mock': random uint8 images and labels, made on the fly
     c.input.mock_eval_examples = 64
     c.input.mock_num_classes = 1000

@@ -180,7 +180,7 @@ def setup(config: ml_collections.ConfigDict, *, mode: str = "train", workdir: st
     updates_per_epoch = steps_per_epoch / config.grad_accum_steps
     tx, schedule = optim.make_optimizer(config, updates_per_epoch)
     model = state_lib.build_model(config, num_classes)
-    loss = losses.make_loss(config, batch_shards=mesh.size)
+    loss = losses.make_loss(config)
     loss.check_model(model)
     init = jvit.utils.init_fn(model)
     abstract = jax.eval_shape(lambda r: state_lib.new_state(init(r), tx, config), jax.random.key(0))
@@ -244,7 +244,7 @@ def compiled_steps(exp: Experiment):
     shardings = exp.state_shardings()
     train = jax.jit(
         functools.partial(steps.train_step, model=exp.model, tx=exp.tx, loss=exp.loss, config=exp.config,
-                          mean=exp.mean, std=exp.std, num_classes=exp.num_classes),
+                          mean=exp.mean, std=exp.std, num_classes=exp.num_classes, batch_shards=exp.mesh.size),
         in_shardings=(shardings, batch),
         out_shardings=(shardings, sharding.replicated(exp.mesh)),
         donate_argnums=0,
@@ -285,15 +285,23 @@ def run_evals(exp: Experiment, eval_fn, state: state_lib.TrainState) -> dict[str
     return results
 
 
-def _check_finite(step: int, metrics: dict[str, Any], last_checkpoint: int | None, workdir: str) -> float:
+def _check_finite(step: int, metrics: dict[str, Any], last_checked: int, last_checkpoint: int | None,
+                  workdir: str) -> float:
+    """The loss of ``step``'s metrics; raises :class:`NonFiniteLossError` if any metric is not finite.
+
+    Called only on logging, checkpoint and eval steps (fetching metrics syncs the host with the
+    devices), always before a checkpoint is written, so no checkpoint ever holds a non-finite state.
+    """
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
     if not all(math.isfinite(v) for v in values.values()):
+        since = f" (first seen at this check; the previous one, at step {last_checked}, was finite)" if (
+            step - last_checked > 1) else ""
         where = (f"the last checkpoint, step {last_checkpoint} in {os.path.join(workdir, 'checkpoints')}, was saved "
                  "before it and is intact: rerunning resumes from it (lower the learning rate or check the input first)"
                  if last_checkpoint is not None else "no checkpoint had been saved yet")
         raise NonFiniteLossError(
             f"non-finite training values at step {step}: loss={values['loss']}, grad_norm={values['grad_norm']}, "
-            f"param_norm={values['param_norm']}; stopping. {where}"
+            f"param_norm={values['param_norm']}{since}; stopping. {where}"
         )
     return values["loss"]
 
@@ -342,12 +350,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         repeated_aug=config.augment.repeated_aug, num_threads=config.input.num_threads,
         prefetch_batches=config.input.prefetch_batches,
     )
+    batches = sharding.DevicePrefetch(iterator, exp.mesh, config.input.device_prefetch)
     ckpt = Checkpointer(workdir, keep=config.checkpoint.keep, use_async=config.checkpoint.use_async)
     latest = ckpt.latest_step()
     if latest is None:
         state = initial_state(exp)
     else:
-        state = ckpt.restore(latest, exp.restore_target(), iterator)
+        state = ckpt.restore(latest, exp.restore_target(), batches)
         log.info("resumed from %s at step %d", ckpt.directory, latest)
     train_fn, eval_fn = compiled_steps(exp)
     log.info("%s: %d classes at %dpx, %s params; %d steps of %d examples (%.1f steps/epoch) on a %s mesh",
@@ -364,29 +373,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         profile_num_steps=config.profile.num_steps)
     step = int(state.step)
     last_checkpoint, last_loss, results = latest, float("nan"), {}
-    pending = None  # (step, metrics) of the step in flight, checked one step later
+    last_checked = step  # metrics are fetched (a host sync) only on logging/checkpoint/eval steps
     try:
         while step < exp.total_steps:
-            batch = sharding.global_batch(next(iterator), exp.mesh)
+            batch = next(batches)
             if not isinstance(train_fn, jax.stages.Compiled):
                 train_fn = _compile("train step", train_fn, state, batch)
             state, metrics = train_fn(state, batch)
             step += 1
             reporter.step(step)
-            if pending is not None:
-                last_loss = _check_finite(*pending, last_checkpoint, workdir)
-            pending = (step, metrics)
             save = step % config.checkpoint.every_steps == 0 or step == exp.total_steps
             evaluate = (eval_every and step % eval_every == 0) or step == exp.total_steps
             log_now = step % config.log_every_steps == 0 or step == exp.total_steps
             if save or evaluate or log_now:
-                last_loss = _check_finite(*pending, last_checkpoint, workdir)
-                pending = None
+                last_loss = _check_finite(step, metrics, last_checked, last_checkpoint, workdir)
+                last_checked = step
             if log_now:
                 lr = float(exp.schedule((step - 1) // config.grad_accum_steps))
                 reporter.progress(step, last_loss, lr, exp.step_batch)
             if save:
-                ckpt.save(step, state, iterator)
+                ckpt.save(step, state, batches)
                 last_checkpoint = step
             if evaluate:
                 with reporter.timed("eval"):
@@ -396,6 +402,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             results = run_evals(exp, eval_fn, state)
         ckpt.wait()
     finally:
+        batches.close()
         ckpt.close()
         reporter.close()
         skipped = getattr(exp.train_split.data, "skipped", 0)

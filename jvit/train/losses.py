@@ -5,7 +5,7 @@ A loss is an object with three methods, so the train step never branches on whic
 * ``validate(config) -> list[str]``: the config fields it needs or rejects (e.g. MixToken only with
   token labeling, Mixup only with soft-target cross-entropy);
 * ``check_model(model)``: fails early, naming the model, when it cannot train with this loss;
-* ``targets(rng, images, batch, *, model, num_classes) -> (images, targets, apply_kwargs)``: the
+* ``targets(rng, images, batch, *, model, num_classes, batch_shards) -> (images, targets, apply_kwargs)``: the
   batch-level augmentation that changes the targets (Mixup/CutMix, MixToken) and the targets
   themselves; ``apply_kwargs`` go to ``model.apply`` (the MixToken box);
 * ``__call__(outputs, targets) -> [B]``: the per-example loss of the model's train-mode outputs.
@@ -39,8 +39,8 @@ def soft_targets(labels: jax.Array, num_classes: int, label_smoothing: float) ->
 class SoftmaxXent:
     """Soft-target cross-entropy ``-sum_k t_k log softmax(z)_k`` (timm ``SoftTargetCrossEntropy``) of
     classification logits ``[B, K]``, with label smoothing and optional Mixup/CutMix (timm ``Mixup``,
-    mode 'batch': the targets are mixed like the images), drawn per device shard of the batch
-    (``batch_shards``), as the originals' per-GPU ``Mixup`` does."""
+    mode 'batch': the targets are mixed like the images), drawn per device shard of the batch, as the
+    originals' per-GPU ``Mixup`` does."""
 
     name: ClassVar[str] = "softmax_xent"
     label_smoothing: float = 0.0
@@ -48,13 +48,11 @@ class SoftmaxXent:
     cutmix_alpha: float = 0.0
     mixup_prob: float = 1.0
     mixup_switch_prob: float = 0.5
-    batch_shards: int = 1
 
     @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict, batch_shards: int = 1) -> SoftmaxXent:
+    def from_config(cls, config: ml_collections.ConfigDict) -> SoftmaxXent:
         a = config.augment
-        return cls(config.loss.label_smoothing, a.mixup_alpha, a.cutmix_alpha, a.mixup_prob, a.mixup_switch_prob,
-                   batch_shards)
+        return cls(config.loss.label_smoothing, a.mixup_alpha, a.cutmix_alpha, a.mixup_prob, a.mixup_switch_prob)
 
     @staticmethod
     def validate(config: ml_collections.ConfigDict) -> list[str]:
@@ -70,13 +68,14 @@ class SoftmaxXent:
         """Any classifier returning logits in train mode fits."""
 
     def targets(self, rng: jax.Array, images: jax.Array, batch: dict[str, jax.Array], *, model: nn.Module,
-                num_classes: int) -> tuple[jax.Array, Targets, dict[str, Any]]:
-        """Smoothed one-hot ``targets["class"]``, mixed with the flipped batch when an alpha is set."""
+                num_classes: int, batch_shards: int = 1) -> tuple[jax.Array, Targets, dict[str, Any]]:
+        """Smoothed one-hot ``targets["class"]``, mixed with the flipped batch when an alpha is set; each
+        of the ``batch_shards`` device shards of the batch is mixed on its own."""
         del model
         target = soft_targets(batch["label"], num_classes, self.label_smoothing)
         if self.mixup_alpha or self.cutmix_alpha:
             images, target, _ = batch_augment.mixup_cutmix_per_shard(
-                rng, images, target, shards=self.batch_shards, mixup_alpha=self.mixup_alpha,
+                rng, images, target, shards=batch_shards, mixup_alpha=self.mixup_alpha,
                 cutmix_alpha=self.cutmix_alpha, prob=self.mixup_prob, switch_prob=self.mixup_switch_prob)
         return images, {"class": target}, {}
 
@@ -108,8 +107,7 @@ class TokenLabel:
     transposed_crop: bool = True
 
     @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict, batch_shards: int = 1) -> TokenLabel:
-        del batch_shards  # MixToken swaps token regions inside the model
+    def from_config(cls, config: ml_collections.ConfigDict) -> TokenLabel:
         return cls(config.loss.label_smoothing, config.augment.mix_token, config.loss.token_label_transposed_crop)
 
     @staticmethod
@@ -136,9 +134,11 @@ class TokenLabel:
                             f"(SP-ViT); {type(model).__name__} has none") from None
 
     def targets(self, rng: jax.Array, images: jax.Array, batch: dict[str, jax.Array], *, model: nn.Module,
-                num_classes: int) -> tuple[jax.Array, Targets, dict[str, Any]]:
+                num_classes: int, batch_shards: int = 1) -> tuple[jax.Array, Targets, dict[str, Any]]:
         """``class`` and ``lam`` targets, the dense ``image``/``crop``/``tokens`` targets when the batch
-        carries score maps, and the MixToken box for ``model.apply``."""
+        carries score maps, and the MixToken box for ``model.apply`` (one box for the whole batch:
+        MixToken swaps token regions inside the model, ``batch_shards`` is not used)."""
+        del batch_shards
         rows, cols = self.grid(model)
         targets = {"class": soft_targets(batch["label"], num_classes, self.label_smoothing), "lam": jnp.float32(1.0)}
         apply_kwargs = {}
@@ -176,7 +176,6 @@ def validate(config: ml_collections.ConfigDict) -> list[str]:
     return errors
 
 
-def make_loss(config: ml_collections.ConfigDict, batch_shards: int = 1) -> SoftmaxXent | TokenLabel:
-    """The loss ``config.loss.name`` names, with its settings from the config; ``batch_shards`` is the
-    number of devices the batch is split over (batch-level augmentation stays within each)."""
-    return LOSSES[config.loss.name].from_config(config, batch_shards)
+def make_loss(config: ml_collections.ConfigDict) -> SoftmaxXent | TokenLabel:
+    """The loss ``config.loss.name`` names, with its settings from the config."""
+    return LOSSES[config.loss.name].from_config(config)

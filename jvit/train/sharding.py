@@ -8,6 +8,8 @@ Linen model, which has no sharding annotations of its own.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import math
 from typing import Any
 
@@ -78,3 +80,49 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
     """Assemble each host's rows into global arrays sharded along the batch dimension."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+class DevicePrefetch:
+    """The global batches of a host iterator, ``size`` of them placed on the devices ahead of use by a
+    background thread, so the host-to-device copy overlaps the running step.
+
+    Checkpointable like the iterator it wraps: :meth:`get_state` is the position after the last batch
+    handed out (not after the prefetched ones), so a checkpoint resumes at exactly the next batch;
+    :meth:`set_state` drops what was prefetched. ``size=0`` fetches synchronously.
+    """
+
+    def __init__(self, iterator: Any, mesh: Mesh, size: int = 2):
+        self._iterator, self._mesh, self._size = iterator, mesh, size
+        self._state = iterator.get_state()
+        self._queue: collections.deque[concurrent.futures.Future] = collections.deque()
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="device_prefetch") if size else None
+
+    def _fetch(self) -> tuple[dict[str, jax.Array], Any]:
+        local = next(self._iterator)
+        return global_batch(local, self._mesh), self._iterator.get_state()
+
+    def __iter__(self) -> DevicePrefetch:
+        return self
+
+    def __next__(self) -> dict[str, jax.Array]:
+        if self._executor is None:
+            batch, self._state = self._fetch()
+            return batch
+        while len(self._queue) <= self._size:
+            self._queue.append(self._executor.submit(self._fetch))
+        batch, self._state = self._queue.popleft().result()
+        return batch
+
+    def get_state(self) -> Any:
+        return self._state
+
+    def set_state(self, state: Any) -> None:
+        concurrent.futures.wait(self._queue)
+        self._queue.clear()
+        self._iterator.set_state(state)
+        self._state = state
+
+    def close(self) -> None:
+        """Stop prefetching (batches in flight are dropped)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)

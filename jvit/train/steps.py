@@ -1,8 +1,8 @@
 """The pure train and eval steps. The loop jits them with the state's and the batch's shardings.
 
 The device half of the augmentation happens here, on the normalised batch and in the original's
-order: random erasing (per image), then Mixup/CutMix (per batch) on smoothed one-hot targets, or
-for token labeling the dense targets and the MixToken box. Every random draw comes from
+order: random erasing (per image), then the loss's targets: Mixup/CutMix (per device shard of the
+batch) on smoothed one-hot targets, or for token labeling the dense targets and the MixToken box. Every random draw comes from
 ``fold_in(key(seed), step)``, so a resumed run replays its steps exactly.
 """
 
@@ -39,6 +39,7 @@ def train_step(
     mean: tuple[float, ...],
     std: tuple[float, ...],
     num_classes: int,
+    batch_shards: int = 1,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One step on a global batch ``{"image": uint8 [B, H, W, 3], "label": int [B], ...}``.
 
@@ -48,6 +49,9 @@ def train_step(
     only on the seed and its index (resumed runs replay it exactly). Mutable
     collections (BatchNorm statistics) come back from the train-mode forward; ``frozen`` is only
     read. The EMA moves only on steps where the optimizer applied an update.
+
+    ``batch_shards`` is the number of devices the batch is split over: batch-level augmentation
+    (Mixup/CutMix) pairs examples within each device's rows, as the originals' per-GPU code does.
 
     Returns the new state and metrics ``loss``, ``grad_norm``, ``param_norm`` (scalars; the
     caller stops the run when one of them is not finite).
@@ -59,7 +63,8 @@ def train_step(
     images = normalize(batch["image"], mean, std)
     if config.augment.random_erasing:
         images = batch_augment.random_erasing(erase_key, images, config.augment.random_erasing)
-    images, targets, apply_kwargs = loss.targets(target_key, images, batch, model=model, num_classes=num_classes)
+    images, targets, apply_kwargs = loss.targets(target_key, images, batch, model=model, num_classes=num_classes,
+                                                 batch_shards=batch_shards)
     mutable = [k for k in state.collections if k != "frozen"]
 
     def loss_of(params):
