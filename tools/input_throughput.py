@@ -1,10 +1,11 @@
-"""Input-pipeline throughput: decode + train augmentation at 224 px, in images per second per CPU core.
+"""Input-pipeline throughput: decode + train augmentation, in images per second per CPU core.
 
     python tools/input_throughput.py --folder PATH/train          # your JPEGs (<class>/<image> layout)
     python tools/input_throughput.py                               # makes a folder from sklearn's photos
 
-Runs the trainer's host-side train transform (``input.train_preprocess='augment'`` with the DeiT
-recipe of ``jvit/recipes.py``: RandomResizedCrop, flip, RandAugment rand-m9-mstd0.5-inc1) on every
+Runs the trainer's host-side train transform, as ``jvit.train.loop.setup`` resolves it for ``--model``
+(``input.train_preprocess='augment'`` with the DeiT recipe of ``jvit/recipes.py``: RandomResizedCrop,
+flip, RandAugment rand-m9-mstd0.5-inc1, at the model's input size), on every
 image, reading and decoding with PIL, first in one thread (the per-core figure), then through the
 grain train iterator with one reader thread per core. Prints medians over ``--repeats`` passes.
 Device-side augmentation (random erasing, Mixup/CutMix) is not part of this figure.
@@ -50,7 +51,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--folder", help="a folder of images, <folder>/<class>/<image>")
     parser.add_argument("--num-images", type=int, default=256, help="images to make when --folder is not given")
-    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--model", default="hvt_ti_1", help="whose input size and mean/std the transform uses")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="grain reader threads (default: cores)")
     args = parser.parse_args()
@@ -58,14 +59,17 @@ def main() -> None:
     import jax
 
     from jvit import recipes
-    from jvit.data import pipeline, preprocess, sources
+    from jvit.data import pipeline
+    from jvit.train import loop
 
-    folder = args.folder or make_folder(tempfile.mkdtemp(prefix="jvit_jpegs_"), args.num_images)
-    classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
-    data = sources.DecodedSource(sources.ImageFolder(folder, classes), name=folder, skip_corrupt=True,
-                                 num_classes=len(classes))
-    config = recipes.deit_augment(recipes.imagenet("hvt_ti_1"))
-    transform = preprocess.train_preprocessor(config, img_size=args.img_size, mean=(0.485, 0.456, 0.406))
+    folder = os.path.abspath(args.folder or make_folder(tempfile.mkdtemp(prefix="jvit_jpegs_"), args.num_images))
+    # The trainer's own resolution of the recipe: the folder is the train split of its parent directory.
+    config = recipes.deit_augment(recipes.imagenet(args.model))
+    root, split = os.path.split(folder)
+    config.input.update(dataset=f"folder:{root}", train_split=split, eval_splits=(split,))
+    config.batch_size = 8
+    exp = loop.setup(config)
+    data, transform = exp.train_split.data, exp.train_preprocess
     n = len(data)
     sizes = [os.path.getsize(os.path.join(folder, f)) for f, _ in data.data.files]
     print(f"folder: {folder} ({n} images, mean {statistics.mean(sizes) / 1024:.0f} KiB); "
