@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -26,7 +27,8 @@ import jvit.utils
 from jvit.data import pipeline
 from jvit.errors import ConfigError
 from jvit.train import config as config_lib
-from jvit.train import batch_augment, loop, optim, sharding, state as state_lib
+from jvit.train import batch_augment, losses, loop, optim, sharding, steps
+from jvit.train import state as state_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -428,3 +430,59 @@ def test_cli_compiles_ahead_of_time_into_the_workdir_cache(tmp_path):
     assert "compiling the train step" in out.stderr and "compiled the train step in" in out.stderr
     assert any((workdir / "compilation_cache").iterdir())
     assert "final: step=2 " in out.stdout
+
+
+def _tiny_stvit(depths=(1, 1), batch_norm="per_device"):
+    """A 2-stage STViT (BatchNorm in the stem, blocks and head) on 32 px mock data, no drop path."""
+    config = tiny_config(**{"model.name": "stvit_small", "model.img_size": 32, "model.batch_norm": batch_norm,
+                            "ema.decay": 0.0})
+    config.model.kwargs = ml_collections.ConfigDict(dict(
+        embed_dim=(8, 16), depths=depths, num_heads=(1, 1), n_iter=(1, 1), stoken_size=(2, 1),
+        layerscale=(False, False), projection=16))
+    exp = loop.setup(config)
+    iterator = pipeline.train_iterator(exp.train_split.data, batch_size=16, preprocess=exp.train_preprocess, seed=0)
+    return exp, loop.initial_state(exp), sharding.global_batch(next(iterator), exp.mesh)
+
+
+def test_batch_norm_statistics_are_per_device_by_default():
+    """Per-device BatchNorm (the originals' DDP without SyncBN): the step's loss is the mean over the 8
+    devices of the loss each device's 2 rows give alone, and the compiled step holds a single
+    all-reduce (loss, gradients and statistics averaged together) however many BatchNorm layers the
+    model has; ``model.batch_norm='global'`` (SyncBN) all-reduces inside every BatchNorm."""
+    exp, state, batch = _tiny_stvit()
+    variables = jax.device_get(state.variables())
+    images = np.asarray(steps.normalize(np.asarray(batch["image"]), exp.mean, exp.std))
+    labels = np.asarray(batch["label"])
+    per_shard = []
+    for rows in np.split(np.arange(16), 8):
+        logits, _ = exp.model.apply(variables, images[rows], train=True, mutable=["batch_stats"])
+        per_shard.append(exp.loss(logits, {"class": losses.soft_targets(labels[rows], exp.num_classes, 0.1)}).mean())
+    train_fn = loop.compiled_steps(exp)[0]
+    hlo = train_fn.lower(state, batch).compile().as_text()
+    _, metrics = train_fn(state, batch)
+    np.testing.assert_allclose(float(metrics["loss"]), np.mean(per_shard), rtol=1e-5)
+    assert hlo.count(" all-reduce(") == 1
+
+    deeper, deeper_state, deeper_batch = _tiny_stvit(depths=(2, 1))
+    assert loop.compiled_steps(deeper)[0].lower(deeper_state, deeper_batch).compile().as_text().count(
+        " all-reduce(") == 1
+    synced, synced_state, synced_batch = _tiny_stvit(batch_norm="global")
+    assert loop.compiled_steps(synced)[0].lower(synced_state, synced_batch).compile().as_text().count(
+        " all-reduce(") > 10
+
+
+def test_bfloat16_run_tracks_the_float32_loss_curve(tmp_path):
+    """``model.dtype=bfloat16`` computes in bf16 with float32 parameters, optimizer state and loss; the
+    loss curve of a short run stays on the float32 one."""
+    curves = {}
+    for dtype in ("float32", "bfloat16"):
+        workdir = tmp_path / dtype
+        loop.train_and_evaluate(tiny_config(num_train_steps=8, **{"model.dtype": dtype}), str(workdir))
+        rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+        curves[dtype] = np.array([r["train/loss"] for r in rows if "train/loss" in r])
+        state = saved_state(workdir, 8)
+        assert {x.dtype for x in jax.tree.leaves((state["params"], state["opt_state"]))} <= {
+            np.dtype("float32"), np.dtype("int32")}
+    assert len(curves["float32"]) == 8
+    np.testing.assert_allclose(curves["bfloat16"], curves["float32"], rtol=0.02)
+    assert curves["bfloat16"][-1] < curves["bfloat16"][0]

@@ -271,7 +271,13 @@ def dot_product_attention(
     The softmax runs in float32 whatever the compute dtype, as in the originals' AMP training.
     ``on_probs`` (if given) receives the probabilities ``[B, heads, N, N]`` before dropout, e.g. to
     sow them as an intermediate.
+
+    Without attention dropout in effect and without ``on_probs`` this is ``jax.nn.dot_product_attention``,
+    which XLA lowers to the same einsums on CPU and which reaches cuDNN's fused (flash) attention on
+    GPU in bf16/fp16; the probabilities then never exist as an ``[N, N]`` array in memory.
     """
+    if on_probs is None and (dropout is None or not train or dropout.rate == 0.0):
+        return jax.nn.dot_product_attention(q, k, v, scale=scale).astype(v.dtype)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
     attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
     if on_probs is not None:
@@ -315,7 +321,8 @@ class Attention(nn.Module):
         qkv = linear(3 * c, self.qkv_bias, "qkv")(x)
         q, k, v = split_heads(qkv, 3, self.num_heads)
         scale = self.qk_scale if self.qk_scale is not None else head_dim**-0.5
-        sow = (lambda p: self.sow("intermediates", "attn_probs", p)) if self.sow_probs else None
+        recording = self.sow_probs and self.is_mutable_collection("intermediates")
+        sow = (lambda p: self.sow("intermediates", "attn_probs", p)) if recording else None
         out = dot_product_attention(q, k, v, scale, nn.Dropout(self.attn_drop), train, sow)
         out = out.reshape(*lead, n, c)
         out = linear(c, True, "proj")(out)

@@ -77,6 +77,11 @@ class HeadConfig:
     dropout: float = 0.0
 
 
+# The second-order statistics (covariance, svPN's power iteration) are float32 math: without an explicit
+# precision, XLA runs float32 contractions as one bf16 pass on TPU and as TF32 on Ampere+ GPUs.
+FP32 = jax.lax.Precision.HIGHEST
+
+
 def _normalize(a: jax.Array) -> jax.Array:
     """``a / max(||a||_2, 1e-12)`` over the last axis (``torch.nn.functional.normalize``)."""
     return a / jnp.maximum(jnp.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
@@ -96,7 +101,8 @@ class SVPN(nn.Module):
         Y = acc + R / (s^(1-alpha) + eps)
 
     The same learned ``weight`` starts every deflation step. The head is computed in float32
-    whatever the compute dtype: ``s`` can be small and ``eps`` is below bf16 resolution.
+    whatever the compute dtype, with full-precision contractions (:data:`FP32`): ``s`` can be small
+    and ``eps`` is below bf16 resolution.
 
     Intermediates sown: ``svpn_sigma`` (the first singular value estimate).
     """
@@ -114,10 +120,11 @@ class SVPN(nn.Module):
         for step in range(self.sv_num):
             v = jnp.broadcast_to(w, x.shape[:-2] + w.shape)
             for _ in range(self.iter_num):
-                u = _normalize(jnp.einsum("...nm,...m->...n", residual, v))
-                v = _normalize(jnp.einsum("...nm,...n->...m", residual, u))
+                u = _normalize(jnp.einsum("...nm,...m->...n", residual, v, precision=FP32))
+                v = _normalize(jnp.einsum("...nm,...n->...m", residual, u, precision=FP32))
             # (u^T R) v, in the original's order of operations.
-            s = jnp.einsum("...m,...m->...", jnp.einsum("...n,...nm->...m", u, residual), v)
+            s = jnp.einsum("...m,...m->...", jnp.einsum("...n,...nm->...m", u, residual, precision=FP32), v,
+                           precision=FP32)
             if step == 0:
                 self.sow("intermediates", "svpn_sigma", s)
             rank_one = s[..., None, None] * u[..., :, None] * v[..., None, :]
@@ -151,7 +158,7 @@ class MGCrP(nn.Module):
         q, k = p[:, :, 0], p[:, :, 1]  # [B, N, h, d]
         q = q - q.mean(axis=(1, 3), keepdims=True)
         k = k - k.mean(axis=(1, 3), keepdims=True)
-        cov = jnp.einsum("bnhi,bnhj->bhij", q, k) / n
+        cov = jnp.einsum("bnhi,bnhj->bhij", q, k, precision=FP32) / n
         self.sow("intermediates", "cov", cov)
         y = SVPN(self.svpn.alpha, self.svpn.iter_num, self.svpn.sv_num, name="svpn")(cov)
         self.sow("intermediates", "svpn_out", y)
@@ -179,7 +186,7 @@ class CrossCovariancePooling(nn.Module):
             v = ReduceBNReLU(width, dtype=self.dtype, name=f"reduce_{name}")(tokens, train).astype(jnp.float32)
             self.sow("intermediates", f"dr_{name}", v)
             views.append(v - v.mean(axis=1, keepdims=True))
-        cov = jnp.einsum("bni,bnj->bij", *views) / n
+        cov = jnp.einsum("bni,bnj->bij", *views, precision=FP32) / n
         self.sow("intermediates", "cov", cov)
         y = SVPN(self.svpn.alpha, self.svpn.iter_num, self.svpn.sv_num, name="svpn")(cov.swapaxes(-1, -2))
         y = y.swapaxes(-1, -2)

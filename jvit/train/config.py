@@ -59,6 +59,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.num_classes = config_dict.placeholder(int)  # None: the training dataset's classes
     c.model.dtype = "float32"  # compute dtype passed to the model ('bfloat16' on TPU/GPU)
     c.model.kwargs = ml_collections.ConfigDict()  # factory overrides: drop_path_rate, depth, ...
+    # BatchNorm batch statistics in training: 'per_device' (each device's rows, as the originals' DDP
+    # training without SyncBN) or 'global' (the whole global batch, SyncBN).
+    c.model.batch_norm = "per_device"
 
     # Start from weights: a jvit checkpoint directory (jvit.checkpoint.save_variables, e.g. written
     # by tools/convert_torch.py) or an original PyTorch .pth/.pth.tar. Heads whose class count
@@ -210,6 +213,8 @@ def _value_errors(c: ml_collections.ConfigDict) -> list[str]:
     if c.model.name not in list_models():
         errors.append(f"model.name={c.model.name!r} is not one of: {', '.join(list_models())}")
     _check(errors, c.model.dtype in DTYPES, f"model.dtype={c.model.dtype!r} is not one of: {', '.join(DTYPES)}")
+    _check(errors, c.model.batch_norm in ("per_device", "global"),
+           f"model.batch_norm={c.model.batch_norm!r} is not one of: per_device, global")
     _check(errors, c.model.img_size is None or c.model.img_size > 0, f"model.img_size={c.model.img_size} must be positive")
     _check(errors, c.model.num_classes is None or c.model.num_classes > 0,
            f"model.num_classes={c.model.num_classes} must be positive")

@@ -239,12 +239,17 @@ def initial_state(exp: Experiment) -> state_lib.TrainState:
 
 def compiled_steps(exp: Experiment):
     """The jitted ``(train_step, eval_step)``: the train step takes and returns the state in its
-    shardings (donated) and the batch split over the mesh."""
+    shardings (donated) and the batch split over the mesh; models with BatchNorm run their forward
+    and backward per device unless ``model.batch_norm='global'``."""
     batch = sharding.batch_sharding(exp.mesh)
     shardings = exp.state_shardings()
+    # BatchNorm statistics per device (the originals' DDP without SyncBN) unless the config asks for
+    # global ones; models without BatchNorm keep one global forward (identical either way).
+    per_device = exp.config.model.batch_norm == "per_device" and "batch_stats" in exp.abstract_state.collections
     train = jax.jit(
         functools.partial(steps.train_step, model=exp.model, tx=exp.tx, loss=exp.loss, config=exp.config,
-                          mean=exp.mean, std=exp.std, num_classes=exp.num_classes, batch_shards=exp.mesh.size),
+                          mean=exp.mean, std=exp.std, num_classes=exp.num_classes, batch_shards=exp.mesh.size,
+                          per_device_mesh=exp.mesh if per_device else None),
         in_shardings=(shardings, batch),
         out_shardings=(shardings, sharding.replicated(exp.mesh)),
         donate_argnums=0,

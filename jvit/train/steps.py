@@ -17,7 +17,10 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from jvit.train import batch_augment, optim
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from jvit.train import batch_augment, optim, sharding
 from jvit.train.losses import SoftmaxXent, TokenLabel
 from jvit.train.state import TrainState
 
@@ -40,6 +43,7 @@ def train_step(
     std: tuple[float, ...],
     num_classes: int,
     batch_shards: int = 1,
+    per_device_mesh: Mesh | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One step on a global batch ``{"image": uint8 [B, H, W, 3], "label": int [B], ...}``.
 
@@ -52,6 +56,9 @@ def train_step(
 
     ``batch_shards`` is the number of devices the batch is split over: batch-level augmentation
     (Mixup/CutMix) pairs examples within each device's rows, as the originals' per-GPU code does.
+    With ``per_device_mesh`` the forward and backward pass run on each device's rows alone
+    (:func:`_per_device`), so BatchNorm normalises with per-device statistics, as the originals' DDP
+    training without SyncBN does; without it BatchNorm sees the global batch (SyncBN).
 
     Returns the new state and metrics ``loss``, ``grad_norm``, ``param_norm`` (scalars; the
     caller stops the run when one of them is not finite).
@@ -67,12 +74,17 @@ def train_step(
                                                  batch_shards=batch_shards)
     mutable = [k for k in state.collections if k != "frozen"]
 
-    def loss_of(params):
-        outputs, updates = model.apply({"params": params, **state.collections}, images, train=True,
-                                       rngs={"dropout": rng}, mutable=mutable, **apply_kwargs)
-        return loss(outputs, targets).mean(), updates
+    def loss_and_grads(params, collections, images, targets, apply_kwargs, rng):
+        def loss_of(params):
+            outputs, updates = model.apply({"params": params, **collections}, images, train=True,
+                                           rngs={"dropout": rng}, mutable=mutable, **apply_kwargs)
+            return loss(outputs, targets).mean(), updates
 
-    (loss_value, updates), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+        return jax.value_and_grad(loss_of, has_aux=True)(params)
+
+    if per_device_mesh is not None:
+        loss_and_grads = _per_device(loss_and_grads, per_device_mesh)
+    (loss_value, updates), grads = loss_and_grads(state.params, state.collections, images, targets, apply_kwargs, rng)
     param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, param_updates)
     collections = {**state.collections, **updates}
@@ -86,6 +98,31 @@ def train_step(
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, collections=collections, ema=ema)
     metrics = {"loss": loss_value, "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params)}
     return new_state, metrics
+
+
+def _per_device(loss_and_grads, mesh: Mesh):
+    """Run ``loss_and_grads(params, collections, images, targets, apply_kwargs, rng)`` on each device's
+    shard of the batch (``jax.shard_map`` over the batch axes) and average loss, gradients and the
+    updated BatchNorm statistics over the devices: data parallelism as DDP does it.
+
+    Per-example targets are split with the images, parameters and the rest are replicated; each
+    device folds its index into the dropout key so its rows draw their own masks.
+    """
+    axes = sharding.BATCH_AXES
+
+    def local(params, collections, images, targets, apply_kwargs, rng):
+        rng = jax.random.fold_in(rng, jax.lax.axis_index(axes))
+        out = loss_and_grads(params, collections, images, targets, apply_kwargs, rng)
+        return jax.lax.pmean(out, axes)
+
+    def run(params, collections, images, targets, apply_kwargs, rng):
+        batch_spec = P(axes)
+        target_specs = jax.tree.map(lambda t: batch_spec if jnp.ndim(t) else P(), targets)
+        specs = (P(), P(), batch_spec, target_specs, P(), P())
+        return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=False)(
+            params, collections, images, targets, apply_kwargs, rng)
+
+    return run
 
 
 def eval_step(
