@@ -53,6 +53,7 @@ def write_run_metadata(
     classes: Sequence[str] | None = None,
     model_kwargs: dict[str, Any] | None = None,
     source: str = "jvit.main",
+    **fields: Any,
 ) -> str:
     """Write ``<workdir>/jvit.json`` for a training run, the metadata a converted directory carries.
 
@@ -64,13 +65,15 @@ def write_run_metadata(
       classes: human-readable class names in label order, when the dataset has them.
       model_kwargs: ``create_model`` overrides of the run (JSON-serialisable; dtypes as strings).
       source: where the weights come from (e.g. ``"jvit.main"`` or the ``init_from`` path).
+      **fields: further JSON-serialisable facts; ``crop_pct``, ``interpolation``, ``mean`` and ``std``
+        (the run's eval transform) are used by ``jvit predict``.
 
     Returns the file's path.
     """
     if classes is not None and len(classes) != num_classes:
         raise ValueError(f"{len(classes)} class names for num_classes={num_classes}")
     metadata = {"model": model, "num_classes": int(num_classes), "img_size": int(img_size), "source": source,
-                "classes": list(classes) if classes is not None else None, "model_kwargs": dict(model_kwargs or {})}
+                "classes": list(classes) if classes is not None else None, "model_kwargs": dict(model_kwargs or {}), **fields}
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(os.path.abspath(os.fspath(workdir)), METADATA_FILE)
     _write_json(path, metadata)
@@ -98,7 +101,9 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         config = _read_json(os.path.join(workdir, "config.json"))
         metadata = {"model": config["model"]["name"], "num_classes": config["model"]["num_classes"],
                     "img_size": config["model"]["img_size"], "classes": None, "source": "jvit.main",
-                    "model_kwargs": config["model"].get("kwargs", {})}
+                    "model_kwargs": config["model"].get("kwargs", {}), "crop_pct": config["input"].get("crop_pct"),
+                    "interpolation": config["input"].get("eval_interpolation"), "mean": config["input"].get("mean"),
+                    "std": config["input"].get("std")}
     step_dir = directory if kind == "step" else _latest_step_dir(workdir)
     return {**metadata, "workdir": workdir, "step": int(os.path.basename(step_dir))}
 

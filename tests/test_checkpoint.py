@@ -13,6 +13,7 @@ from flax import traverse_util
 
 import jvit
 import jvit.checkpoint
+import jvit.data
 from jvit.train import loop, state as state_lib
 from test_train import tiny_config
 
@@ -82,3 +83,21 @@ def test_not_a_checkpoint_and_ema_of_converted(tmp_path):
     with pytest.raises(ValueError, match="one set of weights"):
         jvit.checkpoint.load_variables(tmp_path / "conv", ema=True)
     _assert_same(jvit.checkpoint.load_variables(tmp_path / "conv")[0], variables)
+
+
+def test_predict_on_a_run_dir_uses_the_runs_weights(run_dir, tmp_path, capsys):
+    from PIL import Image
+
+    from jvit import predict
+
+    image = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 20, 3), dtype=np.uint8)).save(image)
+    assert predict.main([str(image), "--weights", str(run_dir / "checkpoints" / "4"), "--ema", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    variables, meta = jvit.checkpoint.load_variables(run_dir / "checkpoints" / "4", ema=True)
+    x = jvit.data.eval_transform("hvt_ti_1", img_size=16, crop_pct=meta["crop_pct"], mean=meta["mean"],
+                                 std=meta["std"], interpolation=meta["interpolation"])(image)
+    probs = np.asarray(jax.nn.softmax(jvit.checkpoint.create_model(meta).apply(variables, x[None])))[0]
+    assert [t["index"] for t in row["topk"]] == np.argsort(-probs).tolist()
+    assert row["topk"][0]["label"] == f"class {row['topk'][0]['index']}"
+    np.testing.assert_allclose([t["prob"] for t in row["topk"]], np.sort(probs)[::-1], rtol=1e-5)
