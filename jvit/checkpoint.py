@@ -73,7 +73,8 @@ def write_run_metadata(
     if classes is not None and len(classes) != num_classes:
         raise ValueError(f"{len(classes)} class names for num_classes={num_classes}")
     metadata = {"model": model, "num_classes": int(num_classes), "img_size": int(img_size), "source": source,
-                "classes": list(classes) if classes is not None else None, "model_kwargs": dict(model_kwargs or {}), **fields}
+                "classes": list(classes) if classes is not None else None,
+                "model_kwargs": dict(model_kwargs or {}), **fields}
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(os.path.abspath(os.fspath(workdir)), METADATA_FILE)
     _write_json(path, metadata)

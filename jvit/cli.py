@@ -1,4 +1,4 @@
-"""The ``jvit`` command: ``jvit predict|export ...`` runs ``python -m jvit.<command> ...``."""
+"""The ``jvit`` command: ``jvit predict|summary|export ...`` runs ``python -m jvit.<command> ...``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,11 @@ import importlib
 import sys
 from typing import Sequence
 
-COMMANDS = {"predict": "classify images (top-k ImageNet names)", "export": "write a TensorFlow SavedModel"}
+COMMANDS = {
+    "predict": "classify images (top-k ImageNet names)",
+    "summary": "parameters, FLOPs and activation memory of a variant",
+    "export": "write a TensorFlow SavedModel",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -38,8 +38,9 @@ def test_export_cli_on_a_converted_dir(tmp_path, capsys):
     variables = jax.device_get(model.init(jax.random.key(1), np.zeros((1, 16, 16, 3), np.float32)))
     jvit.checkpoint.save_variables(tmp_path / "conv", variables, {
         "model": "hvt_ti_1", "num_classes": 3, "img_size": 16, "model_kwargs": TINY})
-    assert export.main(["--weights", str(tmp_path / "conv"), "--output", str(tmp_path / "sm"), "--batch-size", "2"]) == 0
+    args = ["--weights", str(tmp_path / "conv"), "--output", str(tmp_path / "sm")]
+    assert export.main([*args, "--batch-size", "2"]) == 0
     serve = tf.saved_model.load(str(tmp_path / "sm")).signatures["serving_default"]
     assert serve.structured_outputs["logits"].shape.as_list() == [2, 3]
-    assert export.main(["--weights", str(tmp_path / "conv"), "--output", str(tmp_path / "sm")]) == 1
+    assert export.main(args) == 1
     assert "already exists" in capsys.readouterr().err
