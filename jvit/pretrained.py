@@ -5,7 +5,7 @@
 
 Files go to ``$JVIT_CACHE`` (default ``~/.cache/jvit``): ``downloads/<file>`` holds the released
 PyTorch file (``<file>.part`` while incomplete; a rerun resumes it with an HTTP ``Range`` request),
-``converted/<name>-<img_size>/`` the converted orbax directory (:func:`jvit.checkpoint.save_variables`),
+``converted/<name>-<img_size>-<file>/`` the converted orbax directory (:func:`jvit.checkpoint.save_variables`),
 so a second ``load`` reads neither the network nor torch. The registry's ``sha256`` is checked when
 a source states one; the original authors publish none, so for the official variants it is ``None``
 and downloads are not verified. Releases that need a browser (Google-Drive folders, a release page
@@ -56,9 +56,7 @@ def download(url: str, directory: str | os.PathLike, sha256: str | None = None, 
     them, or starts over if the server ignores the request. With ``sha256`` the finished file is
     hashed; a mismatch deletes it (a retry downloads afresh) and raises ``ValueError``.
     """
-    name = os.path.basename(urllib.parse.urlparse(url).path)
-    if not name:
-        raise ValueError(f"{url}: the URL names no file")
+    name = _file_name(url)
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(os.fspath(directory), name)
     if not os.path.isfile(path):
@@ -72,6 +70,13 @@ def download(url: str, directory: str | os.PathLike, sha256: str | None = None, 
             raise ValueError(f"{url}: sha256 {digest} does not match the expected {sha256}; the file was deleted, "
                              f"retry the download (or check the registry's hash)")
     return path
+
+
+def _file_name(url: str) -> str:
+    name = os.path.basename(urllib.parse.urlparse(url).path)
+    if not name:
+        raise ValueError(f"{url}: the URL names no file")
+    return name
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -155,14 +160,17 @@ def load(
         path = os.path.expanduser(os.fspath(weights))
         if os.path.isdir(path):
             variables, meta = checkpoint.load_variables(path)
-            return checkpoint.create_model({**meta, "model": meta.get("model", name)}), variables
+            if meta["model"] != name:
+                raise ValueError(f"{path} holds {meta['model']!r} weights, not {name!r}")
+            return checkpoint.create_model(meta), variables
         if not os.path.isfile(path):
             raise FileNotFoundError(f"weights={weights!r}: no such file or directory")
         return _convert(path, name, cfg.img_size, None)
     urls = (os.fspath(weights),) if weights is not None else cfg.urls
     if not urls:
         raise ManualDownloadRequired(_manual_message(name, cfg))
-    converted = os.path.join(root, "converted", f"{name}-{cfg.img_size}")
+    # Keyed by the file too, so weights from another URL never reuse the registry release's conversion.
+    converted = os.path.join(root, "converted", f"{name}-{cfg.img_size}-{_file_name(urls[0])}")
     if os.path.isdir(converted):
         variables, meta = checkpoint.load_variables(converted)
         return checkpoint.create_model(meta), variables

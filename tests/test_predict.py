@@ -107,3 +107,18 @@ def test_console_entry_point_runs_as_module(converted, tmp_path):
     out = subprocess.run([sys.executable, "-m", "jvit.cli", "predict", str(image), "--weights", str(directory),
                           "--topk", "2"], capture_output=True, text=True, env=env, check=True).stdout
     assert out.splitlines()[0] == str(image) and len(out.splitlines()) == 3
+
+
+@pytest.mark.slow
+def test_predict_full_size_sovit_7_from_a_pth_gives_imagenet_names(tmp_path, capsys):
+    """The README's command on the full-size So-ViT-7 (a file in the released layout, random weights)."""
+    from parity import case_dir
+
+    pth = case_dir("sovit", "so_vit_7_224") / "checkpoint.pth"
+    image = _images(tmp_path / "i", 1)[0]
+    assert predict.main(["--model", "sovit_7", "--weights", str(pth), str(image), "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    names = jvit.data.imagenet_class_names()
+    assert len(row["topk"]) == 5 and all(t["label"] == names[t["index"]] for t in row["topk"])
+    probs = [t["prob"] for t in row["topk"]]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6

@@ -112,7 +112,7 @@ def test_load_downloads_converts_once_and_caches(serve, tmp_path, monkeypatch):
     expected = jvit.convert.load_torch_checkpoint(str(pth), "hvt_ti_1")
     flat, ref = traverse_util.flatten_dict(variables), traverse_util.flatten_dict(expected)
     assert flat.keys() == ref.keys() and all(np.array_equal(flat[k], ref[k]) for k in ref)
-    assert (tmp_path / "converted" / "hvt_ti_1-224" / "jvit.json").is_file()
+    assert (tmp_path / "converted" / "hvt_ti_1-224-unreachable.pth" / "jvit.json").is_file()
     # Second load: from the converted cache, without the network (the server is gone).
     server.shutdown()
     server.server_close()
