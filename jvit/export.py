@@ -8,7 +8,7 @@ The SavedModel's ``serving_default`` signature takes ``images``: uint8 ``[batch,
 ``jvit.data.eval_transform(name).crop(image)``), normalises them with the variant's mean/std and
 returns ``logits`` (float32 ``[batch, num_classes]``) and ``probabilities`` (their softmax). The
 variables are stored as TensorFlow variables, the computation as serialised StableHLO (jax2tf's
-native serialisation), so the SavedModel runs on the platform it was exported for (CPU by default).
+native serialisation), so the SavedModel runs on the platforms it was exported for (CPU by default).
 
 Two limits come from the TensorFlow that reads the file (2.21 here), not from jvit:
 - The batch size is fixed at export (``batch_size``, default 1). jax2tf can make it symbolic, but
@@ -24,16 +24,17 @@ import argparse
 import contextlib
 import os
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import tensorflow as tf
-import jaxlib.mlir.dialects.stablehlo as stablehlo
 from jax._src import xla_bridge
 from jax._src.export import _export
 from jax._src.lib import _jax
 from jax.experimental import jax2tf
+from jaxlib.mlir.dialects import stablehlo
 
 from jvit.data.inference import EvalTransform, normalize
 from jvit.registry import PretrainedCfg
@@ -57,7 +58,8 @@ def _stablehlo_for_tensorflow():
 
 
 def to_saved_model(model: nn.Module, variables: dict[str, Any], path: str | os.PathLike,
-                   cfg: EvalTransform | PretrainedCfg, batch_size: int = 1) -> str:
+                   cfg: EvalTransform | PretrainedCfg, batch_size: int = 1,
+                   platforms: Sequence[str] = ("cpu",)) -> str:
     """Write ``model`` with ``variables`` as a SavedModel at ``path`` (must not exist); returns it.
 
     Args:
@@ -68,6 +70,8 @@ def to_saved_model(model: nn.Module, variables: dict[str, Any], path: str | os.P
         :class:`jvit.registry.PretrainedCfg`: its ``img_size``
         fixes the input's spatial size and its ``mean``/``std`` the normalisation built into the graph.
       batch_size: the signature's batch size (fixed; see the module docstring).
+      platforms: where the SavedModel will run (``"cpu"``, ``"cuda"``, ``"tpu"``); the default suits
+        the ``tensorflow-cpu`` jvit depends on, whatever backend exports it.
     """
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path):
@@ -78,7 +82,7 @@ def to_saved_model(model: nn.Module, variables: dict[str, Any], path: str | os.P
         return logits, jax.nn.softmax(logits, axis=-1)
 
     size = cfg.img_size
-    converted = jax2tf.convert(forward, with_gradient=False)
+    converted = jax2tf.convert(forward, with_gradient=False, native_serialization_platforms=tuple(platforms))
     module = tf.Module()
     # tf.Variables (not constants) keep the weights out of the graph proto (which is limited to 2 GiB).
     module.params = tf.nest.map_structure(lambda a: tf.Variable(a, trainable=False), jax.device_get(variables))

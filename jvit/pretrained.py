@@ -94,8 +94,9 @@ def _fetch(url: str, part: str, progress: bool) -> None:
     have = os.path.getsize(part) if os.path.exists(part) else 0
     request = urllib.request.Request(url, headers={"User-Agent": "jvit"})
     if have and url.startswith("file:"):
-        # urllib's file handler ignores Range: open the file and seek instead.
-        response = open(urllib.request.url2pathname(urllib.parse.urlparse(url).path), "rb")
+        # urllib's file handler ignores Range: open the file and seek instead (closed by the `with` below).
+        local = urllib.request.url2pathname(urllib.parse.urlparse(url).path)
+        response = open(local, "rb")  # noqa: SIM115
         response.seek(have)
         total, resumed = os.fstat(response.fileno()).st_size, True
     else:

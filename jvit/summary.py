@@ -16,7 +16,8 @@ import argparse
 import json
 import re
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -39,7 +40,7 @@ def summarize(model: nn.Module, variables: dict[str, Any] | None = None) -> dict
     ``img_size``. A figure the backend does not report is ``None``.
     """
     size = model.img_size
-    image = lambda b: jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32)  # noqa: E731
+    image = lambda b: jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32)
     if variables is None:
         variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), image(1))
     variables = {k: v for k, v in variables.items() if k != "intermediates"}

@@ -10,12 +10,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import traverse_util
+from test_train import tiny_config
 
 import jvit
 import jvit.checkpoint
 import jvit.data
-from jvit.train import loop, state as state_lib
-from test_train import tiny_config
+from jvit.train import loop
+from jvit.train import state as state_lib
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +54,9 @@ def test_run_dir_and_step_dir_load_raw_and_ema(run_dir):
 
 def test_run_metadata_file_wins_and_model_rebuilds(run_dir, tmp_path):
     names = [f"class{i}" for i in range(5)]
+    kwargs = json.loads((run_dir / "config.json").read_text())["model"]["kwargs"]
     path = jvit.checkpoint.write_run_metadata(run_dir, model="hvt_ti_1", num_classes=5, img_size=16, classes=names,
-                                              model_kwargs=json.load(open(run_dir / "config.json"))["model"]["kwargs"])
+                                              model_kwargs=kwargs)
     try:
         meta = jvit.checkpoint.read_metadata(run_dir / "checkpoints" / "2")
         assert meta["classes"] == names and meta["step"] == 2 and meta["source"] == "jvit.main"

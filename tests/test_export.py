@@ -13,7 +13,7 @@ import jvit.data
 from jvit import export
 from jvit.data import inference
 
-TINY = dict(patch_size=4, num_heads=2, head_dim=8, num_blocks=2, pool_block_width=1)
+TINY = {"patch_size": 4, "num_heads": 2, "head_dim": 8, "num_blocks": 2, "pool_block_width": 1}
 
 
 def test_saved_model_reproduces_logits(tmp_path):

@@ -19,7 +19,7 @@ import jvit.data
 from jvit import predict
 from jvit.data import augment, inference
 
-TINY = dict(patch_size=4, num_heads=2, head_dim=8, num_blocks=2, pool_block_width=1)
+TINY = {"patch_size": 4, "num_heads": 2, "head_dim": 8, "num_blocks": 2, "pool_block_width": 1}
 NAMES = ["ant", "bee", "cat", "dog", "eel"]
 
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flax import traverse_util
+from parity import case_dir
 
 import jvit
 import jvit.convert
 from jvit import pretrained, registry
-from parity import case_dir
 
 
 class _Server(http.server.ThreadingHTTPServer):

@@ -7,7 +7,7 @@ import pytest
 import jvit
 from jvit import summary
 
-TINY = dict(patch_size=4, num_heads=2, head_dim=8, num_blocks=2, pool_block_width=1)
+TINY = {"patch_size": 4, "num_heads": 2, "head_dim": 8, "num_blocks": 2, "pool_block_width": 1}
 
 
 def test_summary_of_a_tiny_model():
