@@ -5,7 +5,9 @@
 
 Everything is measured from shapes (no weights are materialised) and XLA's compiled-program
 analyses on the current backend: FLOPs are XLA's ``cost_analysis`` of the eval forward at batch 1
-(a multiply-add counts 2; the papers' "FLOPs" are multiply-adds, reported here as ``gmacs``), and the
+(a multiply-add counts 2; the papers' "FLOPs" are multiply-adds, reported here as ``gmacs``: XLA also
+counts element-wise ops, softmax and normalisations, so ``gmacs`` runs 1-11 % above the papers' counts
+of matmul/conv multiply-adds, e.g. HVT-Ti-1 0.649 vs 0.642, So-ViT-7 1.434 vs 1.295), and the
 activation memory per image is the growth of the compiled train-mode forward + backward's temporary
 buffers from batch 1 to batch 2 (what each extra image costs when training).
 """
