@@ -26,7 +26,7 @@ import jvit
 from jvit import recipes
 from jvit.train import loop, optim, sharding
 from jvit.train.config import load_config_file
-from jvit.summary import summarize  # noqa: I001 (kept apart from the lines main is changing)
+from jvit.summary import summarize
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
