@@ -33,6 +33,13 @@ class PretrainedCfg:
       weights_keys: entries of the released checkpoint dict holding weights, the one the original
         evaluated first (e.g. ``('state_dict_ema', 'state_dict')``).
       files: names of the released checkpoint files, for reference.
+      urls: direct download URLs of the released file, tried in order by :func:`jvit.pretrained.load`
+        (empty when the release needs a browser; see ``manual_download``).
+      sha256: hex SHA-256 of the released file when a source states it; ``None`` means unknown (the
+        download is then not verified).
+      top1: ImageNet-1k top-1 accuracy (%) the paper reports for these weights at ``img_size``.
+      manual_download: where to get the file by hand (e.g. a Google-Drive folder) when it cannot be
+        fetched by URL; shown in the error asking for ``weights=PATH``.
     """
 
     img_size: int = 224
@@ -43,6 +50,10 @@ class PretrainedCfg:
     num_classes: int = 1000
     weights_keys: tuple[str, ...] = ("model",)
     files: tuple[str, ...] = ()
+    urls: tuple[str, ...] = ()
+    sha256: str | None = None
+    top1: float | None = None
+    manual_download: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

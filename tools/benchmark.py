@@ -26,6 +26,7 @@ import jvit
 from jvit import recipes
 from jvit.train import loop, sharding
 from jvit.train.config import load_config_file
+from jvit.summary import summarize
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -122,6 +123,12 @@ def main(argv=None) -> None:
         host_peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         params=params,
     )
+    # Model figures from XLA's analyses (jvit.summary); GFLOP/s counts the eval forward's FLOPs per image.
+    model_figures = summarize(jvit.create_model(args.model, num_classes=args.num_classes, img_size=desc["img_size"]))
+    flops, act = model_figures["flops_per_image"], model_figures["activation_bytes_per_image"]
+    figures.update(gflops_per_image=flops and round(flops / 1e9, 3),
+                   fwd_gflop_per_s=flops and round(flops / 1e9 * args.batch / median, 1),
+                   train_activation_mib_per_image=act and round(act / 2**20, 1))
     finite = jax.tree.leaves(jax.tree.map(lambda a: bool(np.isfinite(np.asarray(a, np.float32)).all()), out))
     print("result: " + " ".join(f"{k}={v}" for k, v in figures.items()) + ("" if all(finite) else " NON-FINITE"),
           flush=True)

@@ -215,19 +215,21 @@ class HVT(nn.Module):
 # Official variants (all: 224 px, patch 16, head_dim 64, 12 blocks, pool kernel 3 / stride 2)
 # ---------------------------------------------------------------------------------------------
 
-# name: (num_heads, pool_block_width, released file)
-_VARIANTS: dict[str, tuple[int, int, str]] = {
-    "hvt_ti_1": (3, 12, "hvt_ti_1.pth"),
-    "hvt_s_0": (6, 0, "hvt_s_0.pth"),
-    "hvt_s_1": (6, 12, "hvt_s_1.pth"),
-    "hvt_s_2": (6, 6, "hvt_s_2.pth"),
-    "hvt_s_3": (6, 4, "hvt_s_3.pth"),
-    "hvt_s_4": (6, 3, "scale_hvt_ti_4.pth"),
+# name: (num_heads, pool_block_width, released file under the GitHub releases, paper top-1 %)
+# Files and top-1 from the README of github.com/zhuang-group/HVT (ImageNet table); sha256 not published.
+_VARIANTS: dict[str, tuple[int, int, str, float]] = {
+    "hvt_ti_1": (3, 12, "v1.0/hvt_ti_1.pth", 69.64),
+    "hvt_s_0": (6, 0, "v1.0/hvt_s_0.pth", 80.39),
+    "hvt_s_1": (6, 12, "v1.1/hvt_s_1.pth", 78.00),
+    "hvt_s_2": (6, 6, "v1.0/hvt_s_2.pth", 77.36),
+    "hvt_s_3": (6, 4, "v1.0/hvt_s_3.pth", 76.32),
+    "hvt_s_4": (6, 3, "v1.0/scale_hvt_ti_4.pth", 75.23),
     # "Scale HVT-Ti-4" of the README is the same 384-wide model (and file) as HVT-S-4.
-    "scale_hvt_ti_4": (6, 3, "scale_hvt_ti_4.pth"),
+    "scale_hvt_ti_4": (6, 3, "v1.0/scale_hvt_ti_4.pth", 75.23),
 }
+_RELEASES = "https://github.com/zhuang-group/HVT/releases/download/"
 
 
-for _name, (_heads, _width, _file) in _VARIANTS.items():
-    register_variant(_name, "hvt", PretrainedCfg(weights_keys=("model",), files=(_file,)), HVT, num_heads=_heads,
-                     pool_block_width=_width)
+for _name, (_heads, _width, _file, _top1) in _VARIANTS.items():
+    _cfg = PretrainedCfg(weights_keys=("model",), files=(_file.split("/")[1],), urls=(_RELEASES + _file,), top1=_top1)
+    register_variant(_name, "hvt", _cfg, HVT, num_heads=_heads, pool_block_width=_width)

@@ -475,6 +475,31 @@ class SoT(nn.Module):
 
 _EMA_CFG = PretrainedCfg(weights_keys=("state_dict_ema", "state_dict"))
 
+# So-ViT releases: direct Aliyun links and Google-Drive copies from the README of github.com/jiangtaoxie/SoT
+# at commit c2d076e (2021-04-28; later READMEs dropped So-ViT); top-1 is the paper's figure (the README's
+# "Upgrade" column lists 76.8 / 78.7 / 82.3 / 82.8 for the same files); no hashes published.
+_SOVIT_OSS = "https://jiangtaoxie.oss-cn-beijing.aliyuncs.com/So-ViT/"
+_SOVIT_RELEASES = {
+    "sovit_7": ("So-ViT-7.pth.tar?versionId=CAEQAhiBgIDLutbayBciIGI0ZDEwN2ZiZjk3MjQxMjY5ODQxMTU3OGYxZjYzZWYz",
+                "1-MTuAbQ-T6skfqHEYrhb9BmitG1iu5SY", 76.2),
+    "sovit_10": ("So-ViT-10.pth.tar?versionId=CAEQAhiBgMDHutbayBciIDViOTY5ZDFlNTI0ZDQ5NWNhM2IxMTA3OWU4OTlmMmUw",
+                 "1biRaP_m8NR48buFEQQwCRQphR_Nz5Sjw", 77.9),
+    "sovit_14": ("So-ViT-14.pth.tar?versionId=CAEQAhiBgIDDutbayBciIGM1YjBlOTIxMjYyNDRhMjY4MjE1MzgxMDcyMjEyNTM1",
+                 "1A85Rlnaaya9GEpraaEKJsSaGsdqHU5YO", 81.8),
+    "sovit_19": ("So-ViT-19.pth.tar?versionId=CAEQAhiCgIDDutbayBciIGFkNGQ1ODUzNmQxZDRmYmU5YjQ1NzkxNDVmMTJjZDg0",
+                 "1Jv2lYVzJ5lY909MHYP3YORhAVsKxUAC9", 82.4),
+}
+
+
+def _release_cfg(name: str, files: tuple[str, ...]) -> PretrainedCfg:
+    """``_EMA_CFG`` with the release facts of ``name`` (none for the unreleased SoT variants)."""
+    if name not in _SOVIT_RELEASES:
+        return dataclasses.replace(_EMA_CFG, files=files)
+    path, drive_id, top1 = _SOVIT_RELEASES[name]
+    return dataclasses.replace(_EMA_CFG, files=files, urls=(_SOVIT_OSS + path,), top1=top1, manual_download=(
+        f"download {files[0]} from https://drive.google.com/file/d/{drive_id}/view"))
+
+
 # name: (token embedding, embed_dim, depth, heads, mlp_ratio, head, released files)
 _VARIANTS: dict[str, tuple[Any, ...]] = {
     "sot_tiny": ("densenet", 240, 12, 4, 2.5, HeadConfig("mgcrp", (6, 14)), ()),
@@ -488,5 +513,5 @@ _VARIANTS: dict[str, tuple[Any, ...]] = {
 
 
 for _name, (_embed, _dim, _depth, _heads, _mlp, _head, _files) in _VARIANTS.items():
-    register_variant(_name, "sot", dataclasses.replace(_EMA_CFG, files=_files), SoT, embed=_embed, embed_dim=_dim,
+    register_variant(_name, "sot", _release_cfg(_name, _files), SoT, embed=_embed, embed_dim=_dim,
                      depth=_depth, num_heads=_heads, mlp_ratio=_mlp, head=_head)

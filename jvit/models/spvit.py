@@ -483,13 +483,23 @@ _VARIANTS: dict[str, dict[str, Any]] = {
 # Eval crop (timm default_cfg: S 0.9, M/L 1.0, also used at 384) and the weights the original
 # evaluated: the EMA model where training kept one (every 224 run, L's 384 fine-tune), the plain
 # weights for the S/M 384 fine-tunes, which ran without EMA.
+# The README of github.com/ZhouYuxuanYX/SP-ViT links every model to one GitHub release page, not to
+# files, so the file names (and hashes) are unknown here: the weights are a manual download. Top-1
+# from the README's table.
+_RELEASE_PAGE = "https://github.com/ZhouYuxuanYX/SP-ViT/releases/tag/download"
+
+
+def _cfg(size: int, crop: float, keys: tuple[str, ...], top1: float) -> PretrainedCfg:
+    return PretrainedCfg(size, crop, weights_keys=keys, top1=top1, manual_download=(
+        f"download the SP-ViT checkpoint for {size} px from the release page {_RELEASE_PAGE}"))
+
+
+_EMA = ("state_dict_ema", "state_dict", "model")
+_RAW = ("state_dict", "model")
 _CFGS: dict[str, tuple[PretrainedCfg, PretrainedCfg]] = {
-    "spvit_s": (PretrainedCfg(224, 0.9, weights_keys=("state_dict_ema", "state_dict", "model")),
-                PretrainedCfg(384, 0.9, weights_keys=("state_dict", "model"))),
-    "spvit_m": (PretrainedCfg(224, 1.0, weights_keys=("state_dict_ema", "state_dict", "model")),
-                PretrainedCfg(384, 1.0, weights_keys=("state_dict", "model"))),
-    "spvit_l": (PretrainedCfg(224, 1.0, weights_keys=("state_dict_ema", "state_dict", "model")),
-                PretrainedCfg(384, 1.0, weights_keys=("state_dict_ema", "state_dict", "model"))),
+    "spvit_s": (_cfg(224, 0.9, _EMA, 83.9), _cfg(384, 0.9, _RAW, 85.1)),
+    "spvit_m": (_cfg(224, 1.0, _EMA, 84.9), _cfg(384, 1.0, _RAW, 86.0)),
+    "spvit_l": (_cfg(224, 1.0, _EMA, 85.5), _cfg(384, 1.0, _EMA, 86.3)),
 }
 
 

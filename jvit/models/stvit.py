@@ -431,10 +431,18 @@ def _cfgs(name: str) -> tuple[PretrainedCfg, PretrainedCfg]:
     """Eval transforms of the released weights: 224 resizes to 256 then crops (crop_pct 0.875);
     384 resizes straight to 384 (crop_pct 1.0); bicubic, ImageNet mean/std; weights in ``'model'``."""
     stem = name.replace("_", "-")
-    return (
-        PretrainedCfg(img_size=224, crop_pct=0.875, weights_keys=("model",), files=(f"{stem}-224.pth",)),
-        PretrainedCfg(img_size=384, crop_pct=1.0, weights_keys=("model",), files=(f"{stem}-384.pth",)),
+    top1 = _TOP1[name]
+    return tuple(
+        PretrainedCfg(img_size=size, crop_pct=crop, weights_keys=("model",), files=(f"{stem}-{size}.pth",),
+                      top1=acc, manual_download=f"download {stem}-{size}.pth from the Google-Drive folder {_DRIVE}")
+        for size, crop, acc in ((224, 0.875, top1[0]), (384, 1.0, top1[1]))
     )
+
+
+# The README of github.com/hhb072/STViT: weights only in a Google-Drive folder (a browser is needed),
+# top-1 (224, 384) from its results table; no hashes published.
+_DRIVE = "https://drive.google.com/drive/folders/1uaT5OarQd9iPrnFufHocHpM3zhyTcetB"
+_TOP1 = {"stvit_small": (83.6, 85.0), "stvit_base": (84.8, 86.0), "stvit_large": (85.3, 86.4)}
 
 
 # name: (embed_dim, depths, num_heads, layerscale, init_values)

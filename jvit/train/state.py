@@ -88,7 +88,8 @@ def load_pretrained(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Host variables from ``config.init_from``: a jvit checkpoint directory, or an original ``.pth``."""
     path = os.path.expanduser(config.init_from)
     if os.path.isdir(path):
-        variables, meta = jvit.checkpoint.load_variables(path)
+        # A run directory's EMA weights are asked for as init_weights_key="ema".
+        variables, meta = jvit.checkpoint.load_variables(path, ema=config.init_weights_key == "ema")
         if meta.get("model") != config.model.name:
             log.warning("init_from %s holds %r weights, training %r", path, meta.get("model"), config.model.name)
         return variables

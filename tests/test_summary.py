@@ -1,0 +1,36 @@
+"""``jvit summary``: parameter counts, XLA FLOPs and train-mode activation memory."""
+
+from __future__ import annotations
+
+import pytest
+
+import jvit
+from jvit import summary
+
+TINY = {"patch_size": 4, "num_heads": 2, "head_dim": 8, "num_blocks": 2, "pool_block_width": 1}
+
+
+def test_summary_of_a_tiny_model():
+    model = jvit.create_model("hvt_ti_1", num_classes=5, img_size=16, **TINY)
+    figures = summary.summarize(model)
+    variables = jvit.init_variables(model)
+    assert figures["params_trainable"] == jvit.count_params(variables["params"])
+    assert sum(figures["params_per_module"].values()) == figures["params_trainable"]
+    assert list(figures["params_per_module"])[:2] == ["blocks_0", "blocks_1"]
+    assert figures["params_per_module"]["head"] == 16 * 5 + 5  # Dense(16 -> 5)
+    # 4x4 patch embedding alone: 16 tokens x (4*4*3 -> 16) multiply-adds.
+    assert figures["gmacs_per_image"] * 1e9 > 16 * 48 * 16
+    assert figures["activation_bytes_per_image"] > 0
+
+
+@pytest.mark.slow
+def test_hvt_ti_1_matches_the_spec():
+    """/work/shared/specs/hvt.md: 5,735,656 parameters, 0.642 GMACs (analytic), paper 0.64 G."""
+    figures = summary.summarize(jvit.create_model("hvt_ti_1"))
+    assert figures["params_total"] == 5_735_656
+    assert figures["gmacs_per_image"] == pytest.approx(0.642, rel=0.02)
+
+
+def test_summary_cli_unknown_model(capsys):
+    assert summary.main(["hvt_tiny_typo"]) == 1
+    assert "unknown model" in capsys.readouterr().err
