@@ -33,6 +33,10 @@ class PretrainedCfg:
       weights_keys: entries of the released checkpoint dict holding weights, the one the original
         evaluated first (e.g. ``('state_dict_ema', 'state_dict')``).
       files: names of the released checkpoint files, for reference.
+      urls: direct download addresses of the released files, in the order of ``files``.
+      sha256: SHA-256 hex digest of the released file, when known.
+      top1: ImageNet-1k top-1 (%) the original reports for these weights at ``img_size``.
+      manual_download: how to obtain the weights where there is no direct URL (empty otherwise).
     """
 
     img_size: int = 224
@@ -43,6 +47,10 @@ class PretrainedCfg:
     num_classes: int = 1000
     weights_keys: tuple[str, ...] = ("model",)
     files: tuple[str, ...] = ()
+    urls: tuple[str, ...] = ()
+    sha256: str | None = None
+    top1: float | None = None
+    manual_download: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
