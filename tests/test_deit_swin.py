@@ -198,3 +198,16 @@ def test_full_size_sot_variants_trace():
         variables = abstract_variables(model)
         loss, grads, _ = jax.eval_shape(sgd_step(model, images(model)), variables, jax.random.key(0))
         assert loss.shape == () and count_params(grads) == count_params(variables["params"])
+
+
+def test_finetune_configs_start_from_the_release_files():
+    from pathlib import Path
+
+    from jvit.train import config as config_lib
+
+    for name in SOT_PARAMS:
+        c = config_lib.load_config_file(Path(__file__).resolve().parents[1] / "configs" / f"{name}.py", None)
+        config_lib.validate(c)
+        assert c.model.name == name and c.num_epochs == 30 and c.ema.decay == 0.0
+        assert c.init_from == jvit.get_pretrained_cfg(name).files[0]
+        assert jvit.get_pretrained_cfg(name).urls[0].endswith(c.init_from)

@@ -109,7 +109,8 @@ def run(model, family: str, images: np.ndarray) -> dict[str, np.ndarray]:
     if family == "deit":
         blocks = {f"blocks_{i}": b for i, b in enumerate(model.blocks)}
     else:
-        blocks = {f"layers_{i}/blocks_{j}": b for i, layer in enumerate(model.layers) for j, b in enumerate(layer.blocks)}
+        blocks = {f"layers_{i}/blocks_{j}": b
+                  for i, layer in enumerate(model.layers) for j, b in enumerate(layer.blocks)}
     for name, block in blocks.items():
         hooks.append(block.register_forward_hook(record(f"{name}/out")))
     hooks.append(model.norm.register_forward_hook(record("tokens")))
