@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from jvit.registry import get_pretrained_cfg
 from jvit.train.config import default_config, finalize
 
 
@@ -143,6 +144,27 @@ def spvit_recipe(model: str, *, batch_size: int, lr: float, drop_path: float,
     c.loss.name = "token_label"
     c.augment.rand_augment = rand_augment
     c.augment.mix_token = True
+    return c
+
+
+def sot_finetune_recipe(model: str, *, drop_path: float) -> ml_collections.ConfigDict:
+    """SoT's head on a released DeiT/Swin backbone (``deit_*_sot``, ``swin_*_sot``), fine-tuned on ImageNet-1k.
+
+    ``init_from`` is the backbone's official release file (``PretrainedCfg.files``, downloaded from its
+    ``urls`` into the working directory, or ``--config.init_from=PATH``): the converter loads the backbone
+    strictly (DeiT's classifier as ``cls_fc``) and initialises the second-order head fresh.
+    SoT trained its "+ours" models for 300 epochs from scratch (AdamW 1e-3 at 1024, wd 0.03, EMA);
+    starting from converged backbones this recipe instead runs a DeiT/Swin-style fine-tune: 30 epochs
+    at batch 1024, AdamW lr 1e-4 (scaled linearly per 1024 images; 10x the DeiT/Swin whole-model
+    fine-tunes' 1e-5 because the 1-9M-parameter head starts from scratch, 10x below SoT's from-scratch
+    1e-3 so the backbone is not undone), 2 warmup epochs from 1e-6, cosine to 1e-6, weight decay 0.05
+    except 1-D params and biases, label smoothing 0.1, the DeiT augmentation with Mixup/CutMix
+    (what the backbones were trained with), the backbone's own drop-path rate, no EMA (SoT's 0.99996
+    averages over ~25k steps, most of this schedule). These numbers are jvit's choice, not a published
+    recipe; nothing has been trained with them yet."""
+    c = timm_recipe(imagenet(model), batch_size=1024, lr=1e-4, lr_base_batch_size=1024, weight_decay=0.05,
+                    drop_path=drop_path, epochs=30, warmup_epochs=2, min_lr=1e-6)
+    c.init_from = get_pretrained_cfg(model).files[0]
     return c
 
 

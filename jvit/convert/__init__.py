@@ -10,7 +10,7 @@ import logging
 import os
 from typing import Any
 
-from jvit.convert import hvt, sot, spvit, stvit
+from jvit.convert import deit, hvt, sot, spvit, stvit, swin
 from jvit.convert.core import ConversionError, ConversionReport, ConversionRules, convert_state_dict
 from jvit.convert.torch_io import (
     CheckpointFormatError,
@@ -36,7 +36,10 @@ __all__ = [
 
 log = logging.getLogger("jvit.convert")
 
-_RULES: dict[str, ConversionRules] = {r.family: r for r in (sot.RULES, hvt.RULES, spvit.RULES, stvit.RULES)}
+_RULES: dict[str, ConversionRules] = {
+    r.family: r
+    for r in (sot.RULES, hvt.RULES, spvit.RULES, stvit.RULES, deit.RULES, deit.SOT_RULES, swin.RULES, swin.SOT_RULES)
+}
 
 
 def rules_for(name: str) -> ConversionRules:

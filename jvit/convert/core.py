@@ -12,7 +12,8 @@ mechanical:
    ``pos_embed``) keep theirs, in whichever collection the model declares them.
 
 Every torch key must land on a Flax variable of the same size or be skipped by a rule that says
-why; every Flax variable must be filled. Anything else fails the conversion with a report naming
+why; every Flax variable must be filled, or be one the family's ``fresh`` rules initialise (a new
+head on a released backbone), again saying why. Anything else fails the conversion with a report naming
 each key.
 """
 
@@ -26,7 +27,7 @@ import flax.linen as nn
 import numpy as np
 from flax import traverse_util
 
-from jvit.utils import abstract_variables, count_params
+from jvit.utils import abstract_variables, count_params, init_variables
 
 # (regex on the torch key, function(array) -> array in torch layout)
 Transform = tuple[str, Callable[[np.ndarray], np.ndarray]]
@@ -53,6 +54,8 @@ class ConversionRules:
         (e.g. reordering a per-head interleaved qkv weight).
       prepare: optional ``fn(state_dict, model) -> state_dict`` run first, for whole-dict
         adaptations (e.g. resizing a position table to the model's grid).
+      fresh: ``(pattern, reason)``: Flax variables (``'/'``-joined path, e.g. ``params/classifier/...``)
+        the checkpoint cannot hold, taken from the model's own initialisation (seed 0) instead.
     """
 
     family: str
@@ -61,6 +64,7 @@ class ConversionRules:
     skips: tuple[tuple[str, str], ...] = ()
     transforms: tuple[Transform, ...] = ()
     prepare: Callable[[dict[str, np.ndarray], nn.Module], dict[str, np.ndarray]] | None = None
+    fresh: tuple[tuple[str, str], ...] = ()
 
 
 @dataclasses.dataclass
@@ -74,6 +78,7 @@ class ConversionReport:
     converted: int
     per_collection: dict[str, int]
     skipped: list[tuple[str, str]]
+    fresh: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
     def __str__(self) -> str:
         cols = ", ".join(f"{c}: {n:,}" for c, n in sorted(self.per_collection.items()))
@@ -83,6 +88,10 @@ class ConversionReport:
         for _, reason in self.skipped:
             reasons[reason] = reasons.get(reason, 0) + 1
         lines += [f"  skipped {n} x {reason}" for reason, n in reasons.items()]
+        initialised: dict[str, int] = {}
+        for _, reason in self.fresh:
+            initialised[reason] = initialised.get(reason, 0) + 1
+        lines += [f"  initialised {n} variables fresh: {reason}" for reason, n in initialised.items()]
         return "\n".join(lines)
 
 
@@ -183,6 +192,15 @@ def convert_state_dict(
         out[dest] = w.astype(target[dest].dtype)
         source_of[dest] = key
 
+    fresh: list[tuple[str, str]] = []
+    for p in target:
+        reason = next((r for pat, r in rules.fresh if re.search(pat, "/".join(p))), None)
+        if reason is not None and p not in out:
+            fresh.append(("/".join(p), reason))
+    if fresh:
+        init = traverse_util.flatten_dict(init_variables(model, 0), sep="/")
+        for name, _ in fresh:
+            out[tuple(name.split("/"))] = np.asarray(init[name])
     missing = ["/".join(p) for p in target if p not in out]
     problems = []
     for title, items in (
@@ -206,5 +224,6 @@ def convert_state_dict(
         converted=len(out),
         per_collection={c: count_params(v) for c, v in variables.items()},
         skipped=skipped,
+        fresh=fresh,
     )
     return variables, report

@@ -1,3 +1,3 @@
 """Model families. Importing a family module registers its variants."""
 
-from jvit.models import hvt, sot, spvit, stvit  # noqa: F401
+from jvit.models import deit, hvt, sot, spvit, stvit, swin  # noqa: F401
