@@ -36,13 +36,13 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     pylogging.getLogger("absl").addFilter(_QuietLibraries())
-    from jvit.train import loop
+    from jvit.train import distributed, loop
     from jvit.errors import ConfigError
 
     run = loop.train_and_evaluate if _MODE.value == "train" else loop.evaluate_checkpoint
     try:
         run(_CONFIG.value, _WORKDIR.value)
-    except (ConfigError, loop.NonFiniteLossError) as e:
+    except (ConfigError, loop.NonFiniteLossError, distributed.DistributedInitError) as e:
         logging.error("%s", e)
         sys.exit(1)
 

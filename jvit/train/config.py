@@ -128,7 +128,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1  # -1: all devices not used by fsdp
     c.mesh.fsdp = 1  # >1: shard params and optimizer state over this many devices
     c.mesh.fsdp_min_size = 2**14  # smaller arrays stay replicated
-    c.distributed = False  # call jax.distributed.initialize() (multi-host GPU; TPU pods)
+    # Multi-process runs (jvit.train.distributed): enabled alone auto-detects a TPU pod / SLURM / Open MPI
+    # cluster; coordinator_address (HOST:PORT, implies enabled) + num_processes + process_id launch explicitly.
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.enabled = False
+    c.distributed.coordinator_address = ""
+    c.distributed.num_processes = config_dict.placeholder(int)
+    c.distributed.process_id = config_dict.placeholder(int)
+    c.distributed.local_device_ids = ()  # (): all local devices
+    c.distributed.initialization_timeout = 300  # seconds to reach the coordinator before failing
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 1000
@@ -187,6 +195,7 @@ def _value_errors(c: ml_collections.ConfigDict) -> list[str]:
     from jvit.data import augment
     from jvit.data.preprocess import EVAL_PREPROCESSORS, TRAIN_PREPROCESSORS
     from jvit.registry import list_models
+    from jvit.train import distributed
     from jvit.train.losses import LOSSES
 
     errors = []
@@ -282,6 +291,7 @@ def _value_errors(c: ml_collections.ConfigDict) -> list[str]:
     check(c.mesh.data == -1 or c.mesh.data >= 1, f"mesh.data={c.mesh.data} must be -1 or >= 1")
     check(c.mesh.fsdp >= 1, f"mesh.fsdp={c.mesh.fsdp} must be >= 1")
     check(c.mesh.fsdp_min_size >= 0, f"mesh.fsdp_min_size={c.mesh.fsdp_min_size} must be >= 0")
+    errors.extend(distributed.check(c.distributed))
     check(c.checkpoint.every_steps > 0, f"checkpoint.every_steps={c.checkpoint.every_steps} must be positive")
     check(c.checkpoint.keep >= 1, f"checkpoint.keep={c.checkpoint.keep} must be >= 1")
     check(c.log_every_steps > 0, f"log_every_steps={c.log_every_steps} must be positive")

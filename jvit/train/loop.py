@@ -17,7 +17,7 @@ import ml_collections
 
 import jvit
 from jvit.data import pipeline, preprocess, sources
-from jvit.train import config as config_lib
+from jvit.train import config as config_lib, distributed
 from jvit.train import losses, optim, sharding, state as state_lib, steps
 from jvit.train.checkpointing import Checkpointer
 from jvit.train.reporting import Reporter
@@ -53,8 +53,7 @@ class Experiment:
 def setup(config: ml_collections.ConfigDict, *, train: bool = True) -> Experiment:
     """Validate ``config`` and resolve the mesh, data splits, model and run length."""
     config_lib.validate(config)
-    if config.distributed:
-        jax.distributed.initialize()
+    distributed.initialize(config.distributed)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     pretrained = jvit.get_pretrained_cfg(config.model.name, config.model.img_size)
     img_size = pretrained.img_size
