@@ -73,9 +73,8 @@ def initialize(dist: Any) -> None:
     errors = check(dist)
     if errors:
         raise ConfigError("; ".join(errors))
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    explicit = dict(coordinator_address=dist.coordinator_address, num_processes=dist.num_processes,
-                    process_id=dist.process_id) if dist.coordinator_address else {}
+    explicit = {"coordinator_address": dist.coordinator_address, "num_processes": dist.num_processes,
+                "process_id": dist.process_id} if dist.coordinator_address else {}
     local = tuple(dist.local_device_ids) or None
     where = (f"coordinator {dist.coordinator_address} as process {dist.process_id} of {dist.num_processes}"
              if explicit else "the auto-detected cluster (TPU pod / SLURM / Open MPI)")
@@ -84,11 +83,13 @@ def initialize(dist: Any) -> None:
             "process 0 runs, and that the port is reachable from this host")
     if explicit and dist.process_id != 0:
         _wait_for_coordinator(dist.coordinator_address, dist.initialization_timeout, where, hint)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     # jaxlib terminates the process itself (a C++ fatal error, not a Python exception) when the other
     # processes do not all register in time; this line is what that log's reader needs.
     log.info("waiting up to %d s for all processes to register; a DEADLINE_EXCEEDED abort means one did not: %s",
              dist.initialization_timeout, hint)
-    jax.distributed.initialize(**explicit, local_device_ids=local, initialization_timeout=int(dist.initialization_timeout))
+    jax.distributed.initialize(**explicit, local_device_ids=local,
+                               initialization_timeout=int(dist.initialization_timeout))
     log.info("process %d of %d: %d local / %d global devices", jax.process_index(), jax.process_count(),
              jax.local_device_count(), jax.device_count())
 
