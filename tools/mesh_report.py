@@ -6,7 +6,7 @@ Builds the trainer's jitted train step for ``configs/<model>.py`` (mock data, gl
 ``--batch``) on a data-parallel mesh (``data=N``) and an FSDP mesh (``fsdp=N``), compiles each
 (nothing is allocated: the state and batch are abstract) and reads from the compiled per-device
 HLO text: the number of all-reduce / all-gather / reduce-scatter / collective-permute / all-to-all
-ops and the bytes of their operands, the per-device state bytes (params, optimizer moments, EMA)
+ops and the bytes of their results, the per-device state bytes (params, optimizer moments, EMA)
 from the state shardings, and the FLOPs per image from XLA's cost analysis. A full-size step takes
 minutes to compile on a small CPU machine; figures only, no thresholds.
 """
@@ -32,7 +32,7 @@ CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
                 "s64": 8, "u64": 8, "f64": 8}
-_DEF = re.compile(r"^\s*(?:ROOT\s+)?%(\S+)\s*=\s*(.+?)\s+([a-z][a-z0-9-]*)\((.*?)\)")
+_DEF = re.compile(r"^\s*(?:ROOT\s+)?%(\S+)\s*=\s*(.+?)\s+([a-z][a-z0-9-]*)\(")
 _SHAPE = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]")
 
 
@@ -43,19 +43,23 @@ def _shape_bytes(text: str) -> int:
 
 
 def collectives(hlo_text: str) -> dict[str, tuple[int, int]]:
-    """``{op: (count, operand bytes)}`` over the HLO module text (async ``-start`` halves counted as the op)."""
-    shapes, counts, nbytes = {}, Counter(), Counter()
+    """``{op: (count, result bytes)}`` over the HLO module text (async ``-start`` halves counted as the op).
+
+    Result bytes are read from each op's own line: an all-reduce's result is its operand's size, an
+    all-gather's the gathered array (``N`` times its operand), a reduce-scatter's one shard.
+    """
+    counts, nbytes = Counter(), Counter()
     for line in hlo_text.splitlines():
         m = _DEF.match(line)
         if not m:
             continue
-        name, shape, op, operands = m.groups()
-        shapes[name] = shape
+        _, shape, op = m.groups()
+        if op.endswith("-done"):  # the async pair's second half repeats the shape
+            continue
         base = op.removesuffix("-start")
         if base in COLLECTIVES:
             counts[base] += 1
-            nbytes[base] += sum(_shape_bytes(shapes.get(o.strip().lstrip("%"), ""))
-                                for o in operands.split(",") if o.strip().startswith("%"))
+            nbytes[base] += _shape_bytes(shape)
     return {op: (counts[op], nbytes[op]) for op in COLLECTIVES}
 
 
@@ -90,7 +94,7 @@ def report(model: str, batch: int, meshes: dict[str, tuple[int, int]]) -> None:
         total = sum(b for _, b in found.values())
         print(f"{model} mesh={name} (data={exp.mesh.shape['data']}, fsdp={exp.mesh.shape['fsdp']}) batch={batch}: "
               f"params {jvit.count_params(abstract.params):,}; state/device {state_bytes / 2**20:.1f} MiB; "
-              f"collectives/step {total / 2**20:.1f} MiB operands: {ops or 'none'}; "
+              f"collectives/step {total / 2**20:.1f} MiB of results: {ops or 'none'}; "
               f"train GFLOP/image {per_image / 1e9:.2f} (XLA cost analysis); compile {seconds:.0f} s", flush=True)
 
 
