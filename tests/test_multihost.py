@@ -34,11 +34,12 @@ def _free_port() -> int:
 
 
 def _env(devices: int, tmp: Path) -> dict[str, str]:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", TF_CPP_MIN_LOG_LEVEL="2",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               JAX_COMPILATION_CACHE_DIR=str(tmp / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JVIT_READS_DIR=str(tmp))
-    return env
+    """The children's environment: ``devices`` CPU devices, this tree first on the path, a compilation cache
+    shared by all runs (the relaunch and the 1-process run load what the first runs compiled)."""
+    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", TF_CPP_MIN_LOG_LEVEL="2",
+                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+                JAX_COMPILATION_CACHE_DIR=str(tmp / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                JVIT_READS_DIR=str(tmp))
 
 
 def _launch(workdir: Path, tmp: Path, *, processes: int, entry: list[str], tag: str) -> list[subprocess.Popen]:
