@@ -17,7 +17,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jvit.errors import ConfigError
-from jvit.train import loop
+from jvit.train import distributed, loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (configs/<exp>.py[:arg])",
                                           lock_config=True)
@@ -44,7 +44,7 @@ def main(argv: list[str]) -> None:
     loop.enable_compilation_cache(_CONFIG.value, _WORKDIR.value)
     try:
         run(_CONFIG.value, _WORKDIR.value)
-    except (ConfigError, loop.NonFiniteLossError) as e:
+    except (ConfigError, loop.NonFiniteLossError, distributed.DistributedInitError) as e:
         logging.error("%s", e)
         sys.exit(1)
 

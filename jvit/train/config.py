@@ -24,7 +24,7 @@ from ml_collections import config_dict
 from jvit.data import preprocess
 from jvit.errors import ConfigError
 from jvit.registry import list_models
-from jvit.train import losses, optim, sharding
+from jvit.train import distributed, losses, optim, sharding
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -134,7 +134,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1  # -1: all devices not used by fsdp
     c.mesh.fsdp = 1  # >1: shard params and optimizer state over this many devices
     c.mesh.fsdp_min_size = 2**14  # smaller arrays stay replicated
-    c.distributed = False  # call jax.distributed.initialize() (multi-host GPU; TPU pods)
+    # Multi-process runs (jvit.train.distributed): enabled alone auto-detects a TPU pod / SLURM / Open MPI
+    # cluster; coordinator_address (HOST:PORT, implies enabled) + num_processes + process_id launch explicitly.
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.enabled = False
+    c.distributed.coordinator_address = ""
+    c.distributed.num_processes = config_dict.placeholder(int)
+    c.distributed.process_id = config_dict.placeholder(int)
+    c.distributed.local_device_ids = ()  # (): all local devices
+    c.distributed.initialization_timeout = 300  # seconds to reach the coordinator before failing
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 1000
@@ -187,6 +195,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     errors += optim.validate(config)
     errors += losses.validate(config)
     errors += sharding.validate(config.mesh)
+    errors += distributed.check(config.distributed)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 

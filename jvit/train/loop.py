@@ -22,6 +22,7 @@ import jvit.checkpoint
 from jvit.data import pipeline, preprocess, sources
 from jvit.errors import ConfigError
 from jvit.train import config as config_lib
+from jvit.train import distributed
 from jvit.train import losses, optim, sharding, state as state_lib, steps
 from jvit.train.checkpointing import Checkpointer
 from jvit.train.reporting import Reporter
@@ -138,8 +139,7 @@ def setup(config: ml_collections.ConfigDict, *, mode: str = "train", workdir: st
     if mode not in ("train", "eval"):
         raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
     config_lib.validate(config)
-    if config.distributed:
-        jax.distributed.initialize()
+    distributed.initialize(config.distributed)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     pretrained = jvit.get_pretrained_cfg(config.model.name, config.model.img_size)
     img_size = pretrained.img_size
