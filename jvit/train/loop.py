@@ -18,7 +18,7 @@ import ml_collections
 import jvit
 from jvit.data import pipeline, preprocess, sources
 from jvit.train import config as config_lib
-from jvit.train import losses, optim, sharding, state as state_lib, steps
+from jvit.train import losses, optim, sharding, state as state_lib, steps, workdir as workdir_lib
 from jvit.train.checkpointing import Checkpointer
 from jvit.train.reporting import Reporter
 
@@ -218,7 +218,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ``eval_every_steps`` and at the end; returns the final metrics and prints the ``final:`` line."""
     t0 = time.time()
     exp = setup(config)
-    os.makedirs(workdir, exist_ok=True)
+    lock = workdir_lib.acquire(workdir, primary=jax.process_index() == 0)
     save_config(exp, workdir)
     primary = jax.process_index() == 0
     updates_per_epoch = exp.steps_per_epoch / config.grad_accum_steps
@@ -235,8 +235,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     else:
         abstract, shardings, _ = abstract_state(exp, tx)
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-        state = ckpt.restore(latest, target, iterator)
+        latest, state = ckpt.restore_latest(target, iterator)
         log.info("resumed from %s at step %d", ckpt.directory, latest)
+        if latest >= exp.total_steps:  # a finished run restarted: report it instead of training
+            ckpt.close()
+            lock.release()
+            return workdir_lib.report_finished(workdir, latest)
     train_fn, eval_fn = compiled_steps(exp, tx, shardings)
     log.info("%s: %d classes at %dpx, %s params; %d steps of %d examples (%.1f steps/epoch) on a %s mesh",
              config.model.name, exp.num_classes, exp.img_size, f"{jvit.count_params(state.params):,}",
@@ -253,6 +257,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         while step < exp.total_steps:
             batch = sharding.global_batch(next(iterator), exp.mesh)
             state, metrics = train_fn(state, batch)
+            ckpt.check()  # a failed background save stops the run now
             step += 1
             if pending is not None:
                 last_loss = _check_finite(*pending, last_checkpoint, workdir)
@@ -280,6 +285,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     finally:
         ckpt.close()
         reporter.close()
+        lock.release()
         skipped = getattr(exp.train_split.data, "skipped", 0)
         if skipped:
             log.warning("%d unreadable training images were skipped (each replaced by the next readable one); "
@@ -301,7 +307,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
         if latest is not None:
             abstract, shardings, _ = abstract_state(exp, tx)
             target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-            state = ckpt.restore(latest, target, None)
+            latest, state = ckpt.restore_latest(target, None)
         elif config.init_from:
             state, shardings = initial_state(exp, tx)
         else:
