@@ -22,7 +22,7 @@ import re
 import sys
 from typing import Any
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (configs/<exp>.py[:arg])",
@@ -163,7 +163,6 @@ def main(argv: list[str]) -> None:
             cause = cause.__cause__ or cause.__context__
         if cause is None:
             raise
-        logging.error("%s", cause)
         print(f"error: {cause}", file=sys.stderr, flush=True)
         sys.exit(1)
 

@@ -33,6 +33,8 @@ import orbax.checkpoint as ocp
 
 log = logging.getLogger("jvit.train")
 
+_PROBE_BYTES = 1 << 16  # enough to need fresh disk blocks: a full disk fails here
+
 
 class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written; the message names the step, the path and the OS error."""
@@ -111,6 +113,10 @@ class Checkpointer:
     def save(self, step: int, state: Any, iterator: grain.DatasetIterator) -> None:
         """Start saving ``state`` and ``iterator``'s position as checkpoint ``step`` (async)."""
         self.check()
+        try:
+            self._probe(step)
+        except OSError as e:
+            raise self._fail(step, e) from e
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(_IteratorSnapshot(iterator, iterator.get_state())),
@@ -120,6 +126,20 @@ class Checkpointer:
         except Exception as e:  # the synchronous part (directory creation, host copy) failed
             raise self._fail(step, e) from e
         self._pending = step
+
+    def _probe(self, step: int) -> None:
+        """Create, fill and remove a small file where the step will go. orbax creates the step's
+        directory in a background thread and, when that fails, its other threads wait for it until a
+        timeout (minutes): a read-only or full disk must be caught here, synchronously."""
+        probe = os.path.join(self.directory, f".write-probe-{step}-{jax.process_index()}")
+        os.makedirs(self.directory, exist_ok=True)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, bytes(_PROBE_BYTES))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
 
     def restore(self, step: int, abstract_state: Any, iterator: grain.DatasetIterator | None) -> Any:
         """The state of checkpoint ``step`` laid out as ``abstract_state`` (shapes + shardings);
