@@ -218,7 +218,7 @@ def bad_folder(tmp_path) -> Path:
     for split in ("train", "val"):
         for cls in ("a", "b"):
             (root / split / cls).mkdir(parents=True)
-            for i in range(3):
+            for i in range(4):
                 _jpeg(root / split / cls / f"{i}.jpg")
     train = root / "train" / "a"
     (train / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
@@ -235,7 +235,7 @@ def _folder_config(root: Path):
 
 def test_unusable_entries_are_skipped_at_scan_time_in_training(bad_folder, caplog):
     split = sources.open_split(_folder_config(bad_folder), "train", train=True, img_size=16, seed=0)
-    assert len(split.data) == 7  # 6 images + the bomb (only decoding finds it)
+    assert len(split.data) == 9  # 8 images + the bomb (only decoding finds it)
     assert f"skipping {bad_folder / 'train' / 'a' / 'dangling.jpg'} in " in caplog.text
     assert "broken symlink" in caplog.text
     assert f"skipping {bad_folder / 'train' / 'a' / 'x.jpg'} in " in caplog.text and "a directory" in caplog.text
@@ -257,7 +257,8 @@ def test_unreadable_file_is_skipped_in_training_and_an_error_in_eval(bad_folder,
 
 def test_bad_eval_file_through_the_command_line_is_one_line(bad_folder, tiny, tmp_path):
     _bomb(bad_folder / "val" / "a" / "0.jpg")
-    out = jvit_main(tiny, tmp_path / "w", f"--config.input.dataset=folder:{bad_folder}", "--config.num_train_steps=2")
+    out = jvit_main(tiny, tmp_path / "w", f"--config.input.dataset=folder:{bad_folder}",
+                    "--config.input.eval_splits=('val',)", "--config.batch_size=8", "--config.num_train_steps=2")
     assert out.returncode == 1
     assert "error: cannot decode image" in out.stderr and "a/0.jpg" in out.stderr
     assert "skipping " in out.stderr and "dangling.jpg" in out.stderr
