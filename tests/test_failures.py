@@ -312,29 +312,41 @@ def test_converter_tells_broken_files_from_unsafe_pickles(tmp_path, capsys, kind
 # --- chaos ----------------------------------------------------------------------------------------
 
 
-def _chaos(tiny: Path, tmp_path: Path, kills: int) -> None:
-    """SIGKILL a short run at ``kills`` random moments (checkpoints every step, so many land in a
-    save), rerun to the end, and compare the final parameters with an uninterrupted run's."""
-    args = ("--config.num_train_steps=8", "--config.checkpoint.every_steps=1")
+def _chaos(tiny: Path, tmp_path: Path, kills: int, steps: int) -> None:
+    """SIGKILL a short run ``kills`` times, each a random moment after a random checkpoint started
+    being written (checkpoints every step, so kills land inside saves and between them), rerun to
+    the end, and compare the final parameters with an uninterrupted run's."""
+    args = (f"--config.num_train_steps={steps}", "--config.checkpoint.every_steps=1")
     reference = jvit_main(tiny, tmp_path / "ref", *args)
     assert reference.returncode == 0, reference.stderr[-2000:]
     work, rng = tmp_path / "chaos", random.Random(18)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "jvit.main", "--config", str(tiny), "--workdir", str(work), *args]
-    for _ in range(kills):
+    targets = sorted(rng.sample(range(1, steps), kills))
+    for target in targets:
         proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(4.0, 12.0))
+        while proc.poll() is None and not any(  # wait until step `target` (or a later one) is being saved
+                int(name.split(".")[0]) >= target for name in _listdir(work / "checkpoints") if name[0].isdigit()):
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.3))
         proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
     final = jvit_main(tiny, work, *args)
     assert final.returncode == 0, final.stderr[-2000:]
-    np.testing.assert_equal(saved_params(work, 8), saved_params(tmp_path / "ref", 8))
+    np.testing.assert_equal(saved_params(work, steps), saved_params(tmp_path / "ref", steps))
+
+
+def _listdir(path: Path) -> list[str]:
+    try:
+        return os.listdir(path)
+    except FileNotFoundError:
+        return []
 
 
 def test_sigkill_chaos_reduced(tiny, tmp_path):
-    _chaos(tiny, tmp_path, kills=2)
+    _chaos(tiny, tmp_path, kills=2, steps=6)
 
 
 @pytest.mark.slow
 def test_sigkill_chaos(tiny, tmp_path):
-    _chaos(tiny, tmp_path, kills=5)
+    _chaos(tiny, tmp_path, kills=5, steps=12)
