@@ -111,7 +111,8 @@ def _unsafe_globals(torch, path: str, message: str) -> list[str]:
         found = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
     except Exception:  # legacy (non-zip) file
         found = []
-    found += re.findall(r"unsupported GLOBAL ([\w.]+)", message, flags=re.IGNORECASE)
+    # torch names a builtin without its module ("GLOBAL exec")
+    found += [g if "." in g else f"builtins.{g}" for g in re.findall(r"\bGLOBAL ([\w.]+)", message)]
     return sorted({g for g in found if g not in allowed})
 
 
