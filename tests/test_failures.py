@@ -96,8 +96,14 @@ def test_model_kwargs_accept_any_constructor_argument_and_suggest_on_typos(tiny,
     out = jvit_main(tiny, tmp_path / "w2", "--config.model.kwargs.drop_rat=0.1")
     assert out.returncode == 2
     assert 'no constructor argument \'drop_rat\'; did you mean "drop_rate"?' in out.stderr
-    out = jvit_main(tiny, tmp_path / "w2", "--config.model.kwargs.num_blocks=two")
-    assert out.returncode == 2 and "expected a int" in out.stderr
+    from jvit.main import apply_model_kwargs
+    from tests.test_train import tiny_config
+
+    config = tiny_config()
+    with pytest.raises(ValueError, match=r"num_blocks=two: expected a int"):
+        apply_model_kwargs(config, [("num_blocks", "two")])
+    apply_model_kwargs(config, [("drop_rate", "0"), ("mlp_ratio", "2")])  # ints widen to the fields' floats
+    assert config.model.kwargs.drop_rate == 0.0 and isinstance(config.model.kwargs.mlp_ratio, float)
 
 
 def test_workdir_that_is_a_file(tiny, tmp_path):
@@ -141,10 +147,14 @@ def test_init_from_an_unsafe_or_broken_file_is_one_line(tiny, tmp_path, evil_che
     out = jvit_main(tiny, tmp_path / "w", f"--config.init_from={evil_checkpoint}")
     assert out.returncode == 1
     assert "references posix.system" in out.stderr and "set init_from to the converted directory" in out.stderr
+    from jvit.convert import CheckpointFormatError
+    from jvit.train import state as state_lib
+    from tests.test_train import tiny_config
+
     empty = tmp_path / "empty.pth"
     empty.write_bytes(b"")
-    out = jvit_main(tiny, tmp_path / "w", f"--config.init_from={empty}")
-    assert out.returncode == 1 and f"error: {empty} is empty (0 bytes)" in out.stderr
+    with pytest.raises(CheckpointFormatError, match=f"{empty} is empty \\(0 bytes\\)"):
+        state_lib.load_pretrained(tiny_config(init_from=str(empty)))
 
 
 # --- one writer per workdir -----------------------------------------------------------------------
