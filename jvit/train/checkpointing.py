@@ -208,7 +208,8 @@ def verify_state(state: Any, abstract_state: Any) -> None:
     for (path, value), want in zip(flat, expected):
         name = jax.tree_util.keystr(path)
         if tuple(value.shape) != tuple(want.shape) or value.dtype != want.dtype:
-            raise ValueError(f"array {name} is {value.dtype}{list(value.shape)}, expected {want.dtype}{list(want.shape)}")
+            raise ValueError(
+                f"array {name} is {value.dtype}{list(value.shape)}, expected {want.dtype}{list(want.shape)}")
         if jnp.issubdtype(value.dtype, jnp.inexact):
             floating.append((name, value))
     finite = jax.device_get(jax.jit(lambda xs: [jnp.isfinite(x).all() for x in xs])([v for _, v in floating]))

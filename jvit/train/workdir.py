@@ -128,9 +128,9 @@ def acquire(workdir: str, *, primary: bool = True) -> WorkdirLock:
                         _describe(previous), workdir)
         elif previous.get("host") != host:
             os.close(fd)
-            raise WorkdirError(f"--workdir {workdir} has a lock from another host ({_describe(previous)}) that cannot be "
-                               f"checked from here; if that run is gone, delete {path}")
-    start = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            raise WorkdirError(f"--workdir {workdir} has a lock from another host ({_describe(previous)}) that "
+                               f"cannot be checked from here; if that run is gone, delete {path}")
+    start = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     os.ftruncate(fd, 0)
     os.lseek(fd, 0, os.SEEK_SET)
     os.write(fd, (json.dumps({"host": host, "pid": os.getpid(), "start": start}) + "\n").encode())
