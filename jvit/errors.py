@@ -7,3 +7,7 @@ without importing the trainer.
 
 class ConfigError(ValueError):
     """A config (or what it points at) that cannot run; the message names the field."""
+
+
+class CorruptImageError(ValueError):
+    """An example whose image cannot be read or decoded; the message names the file."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from typing import Any, Mapping
 
 import numpy as np
@@ -48,36 +49,71 @@ def load_checkpoint_file(path: str | os.PathLike, *, trust: bool = False) -> Any
     Raises:
       FileNotFoundError: ``path`` does not exist.
       UnsafeCheckpointError: the file references globals outside PyTorch's safe set and
-        :data:`SAFE_EXTRA_TYPES`; nothing from it was executed.
+        :data:`SAFE_EXTRA_TYPES` (named in the message); nothing from it was executed.
+      CheckpointFormatError: the file is empty, truncated, corrupt or not a PyTorch checkpoint.
     """
     torch = _import_torch()
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
+    _check_container(path)
     if trust:
         return torch.load(path, map_location="cpu", weights_only=False)
     with torch.serialization.safe_globals(list(SAFE_EXTRA_TYPES)):
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises UnpicklingError (or RuntimeError for legacy files)
-            if "weights_only" not in str(e) and "Weights only" not in str(e):
-                raise
-            culprits = _unsafe_globals(torch, path)
-            named = f" It references {', '.join(culprits)}." if culprits else ""
+        except Exception as e:  # torch's restricted unpickler reports a refused global in its message
+            culprits = _unsafe_globals(torch, path, str(e))
+            if not culprits:
+                raise CheckpointFormatError(
+                    f"cannot read {path}: it is truncated, corrupt or not a PyTorch checkpoint "
+                    f"({type(e).__name__}: {_first_line(e)})") from e
             raise UnsafeCheckpointError(
-                f"refusing to unpickle {path}: it needs code outside the allow-list "
-                f"(torch's safe types + {', '.join(t.__module__ + '.' + t.__qualname__ for t in SAFE_EXTRA_TYPES)})."
-                f"{named} Nothing from the file was executed. If you trust its source, pass trust=True "
-                "(CLI: --trust-checkpoint)."
+                f"refusing to unpickle {path}: it references {', '.join(culprits)}, outside the allow-list "
+                f"(torch's safe types + {', '.join(t.__module__ + '.' + t.__qualname__ for t in SAFE_EXTRA_TYPES)}). "
+                "Nothing from the file was executed. If you trust its source, pass trust=True (converter CLI: "
+                "--trust-checkpoint; for training, convert it once with tools/convert_torch.py --trust-checkpoint "
+                "and set init_from to the converted directory)"
             ) from e
 
 
-def _unsafe_globals(torch, path: str) -> list[str]:
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else "no details"
+
+
+def _check_container(path: str) -> None:
+    """A PyTorch checkpoint is a zip archive (torch >= 1.6) or a pickle stream (legacy format):
+    tell an empty, truncated or foreign file apart before unpickling anything."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise CheckpointFormatError(f"{path} is empty (0 bytes): not a checkpoint; re-download or re-copy it")
+    if head.startswith(b"PK"):
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(path) as z:
+                z.namelist()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise CheckpointFormatError(
+                f"{path} is a damaged zip archive (truncated or corrupt: {e}); re-download or re-copy it") from e
+    elif head[:1] != b"\x80":  # every pickle protocol >= 2 starts with PROTO
+        raise CheckpointFormatError(
+            f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle; it starts with {head!r})")
+
+
+def _unsafe_globals(torch, path: str, message: str) -> list[str]:
+    """The globals outside the allow-list that ``path`` references: from torch's scan of a zip
+    checkpoint, else (legacy files, which torch cannot scan) from its refusal message."""
+    allowed = {f"{t.__module__}.{t.__qualname__}" for t in SAFE_EXTRA_TYPES}
     try:
-        allowed = {f"{t.__module__}.{t.__qualname__}" for t in SAFE_EXTRA_TYPES}
-        return [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in allowed]
-    except Exception:  # legacy (non-zip) files cannot be scanned; the error still explains
-        return []
+        found = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # legacy (non-zip) file
+        found = []
+    # torch names a builtin without its module ("GLOBAL exec")
+    found += [g if "." in g else f"builtins.{g}" for g in re.findall(r"\bGLOBAL ([\w.]+)", message)]
+    return sorted({g for g in found if g not in allowed})
 
 
 def _is_state_dict(obj: Any) -> bool:

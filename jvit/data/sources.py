@@ -11,6 +11,10 @@ score map) and applies the bad-input policy:
   images and the order stays a function of the seed), and every skip is counted and logged with
   the file name. More than ``MAX_CONSECUTIVE_BAD`` unreadable files in a row stops the run.
   **In evaluation** it is an error naming the file: a skipped eval image would change the score.
+* entries named like images that are not readable files (broken symlinks, directories, files
+  without read permission) are found when the folder is listed (:mod:`jvit.data.files`) and follow
+  the same policy: skipped and logged in training, an error naming them in evaluation. A
+  decompression bomb (a header claiming more pixels than PIL allows) counts as undecodable.
 * grayscale, palette, CMYK and RGBA images are converted to RGB, as the originals' PIL loader does.
 * a missing dataset directory, a missing split, an empty class folder or an unprepared tfds
   dataset is a :class:`~jvit.train.config.ConfigError` naming what is missing.
@@ -31,7 +35,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from jvit.errors import ConfigError
+from jvit.data import files as data_files
+from jvit.errors import ConfigError, CorruptImageError
 
 log = logging.getLogger("jvit.data")
 
@@ -39,10 +44,6 @@ log = logging.getLogger("jvit.data")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 MAX_CONSECUTIVE_BAD = 10
 FOLDER_PREFIX = "folder:"
-
-
-class CorruptImageError(ValueError):
-    """An example whose image bytes cannot be decoded; the message names the file."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,9 +113,10 @@ class ImageFolder:
         if unknown:
             raise ConfigError(f"{root} has class folders the training split does not have: {', '.join(unknown[:10])}")
         self.files: list[tuple[str, int]] = []
+        self.unusable: list[tuple[str, str]] = []  # (class/name, why): see jvit.data.files
         for name in present:
-            files = sorted(f for f in os.listdir(os.path.join(root, name))
-                           if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
+            files, bad = data_files.list_images(os.path.join(root, name), IMAGE_EXTENSIONS)
+            self.unusable += [(os.path.join(name, f), why) for f, why in bad]
             if not files:
                 raise ConfigError(f"class folder {os.path.join(root, name)} has no image files "
                                   f"(looked for {', '.join(IMAGE_EXTENSIONS)}); remove it or add its images")
@@ -125,8 +127,7 @@ class ImageFolder:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         path, label = self.files[index]
-        with open(os.path.join(self.root, path), "rb") as f:
-            data = f.read()
+        data = data_files.read_file(os.path.join(self.root, path))
         class_name, file_name = os.path.split(path)
         return {"image": data, "label": label, "file_name": file_name, "class_name": class_name}
 
@@ -151,7 +152,7 @@ def decode_image(image: Any, name: str = "") -> Image.Image:
             with Image.open(io.BytesIO(bytes(image))) as im:
                 im.load()  # decode now: truncated files raise here rather than later in a transform
                 return im.convert("RGB")
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise CorruptImageError(f"cannot decode image {name or '(unnamed)'}: {e}") from e
     array = np.asarray(image)
     if array.ndim == 3 and array.shape[-1] == 1:
@@ -191,9 +192,10 @@ class DecodedSource:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         for attempt in range(MAX_CONSECUTIVE_BAD + 1):
-            raw = self.data[(index + attempt) % len(self.data)]
-            where = _describe(raw, self.name, (index + attempt) % len(self.data))
+            where = f"{self.name} #{(index + attempt) % len(self.data)}"
             try:
+                raw = self.data[(index + attempt) % len(self.data)]  # inside: a file can fail to read (files.py)
+                where = _describe(raw, self.name, (index + attempt) % len(self.data))
                 image = decode_image(raw["image"], where)
             except CorruptImageError as e:
                 if not self.skip_corrupt:
@@ -342,6 +344,7 @@ def _open_folder(root: str, split: str, input_config: Any, *, train: bool, name:
     if not classes:
         raise ConfigError(f"{train_dir} has no class folders (expected {train_dir}/<class>/<image>)")
     raw = ImageFolder(split_dir, classes)
+    data_files.apply_policy(raw.unusable, root=split_dir, train=train, split=name)
     if not len(raw):
         raise ConfigError(f"{split_dir} has no images")
     tokens = TokenLabelMaps(input_config.token_label_dir, classes) if train and input_config.token_label_dir else None

@@ -24,6 +24,7 @@ from jvit.errors import ConfigError
 from jvit.train import config as config_lib
 from jvit.train import distributed
 from jvit.train import losses, optim, sharding, state as state_lib, steps
+from jvit.train import workdir as workdir_lib
 from jvit.train.checkpointing import Checkpointer
 from jvit.train.reporting import Reporter
 
@@ -348,7 +349,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ``eval_every_steps`` and at the end; returns the final metrics and prints the ``final:`` line."""
     t0 = time.time()
     exp = setup(config, workdir=workdir)
-    os.makedirs(workdir, exist_ok=True)
+    lock = workdir_lib.acquire(workdir, primary=jax.process_index() == 0)
     save_config(exp, workdir)
     iterator = pipeline.train_iterator(
         exp.train_split.data, batch_size=exp.step_batch, preprocess=exp.train_preprocess, seed=config.seed,
@@ -361,8 +362,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if latest is None:
         state = initial_state(exp)
     else:
-        state = ckpt.restore(latest, exp.restore_target(), batches)
+        latest, state = ckpt.restore_latest(exp.restore_target(), batches)
         log.info("resumed from %s at step %d", ckpt.directory, latest)
+        if latest >= exp.total_steps:  # a finished run restarted: report it instead of training
+            batches.close()
+            ckpt.close()
+            lock.release()
+            return workdir_lib.report_finished(workdir, latest)
     train_fn, eval_fn = compiled_steps(exp)
     log.info("%s: %d classes at %dpx, %s params; %d steps of %d examples (%.1f steps/epoch) on a %s mesh",
              config.model.name, exp.num_classes, exp.img_size, f"{jvit.count_params(state.params):,}",
@@ -385,6 +391,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if not isinstance(train_fn, jax.stages.Compiled):
                 train_fn = _compile("train step", train_fn, state, batch)
             state, metrics = train_fn(state, batch)
+            ckpt.check()  # a failed background save stops the run now
             step += 1
             reporter.step(step)
             save = step % config.checkpoint.every_steps == 0 or step == exp.total_steps
@@ -410,6 +417,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         batches.close()
         ckpt.close()
         reporter.close()
+        lock.release()
         skipped = getattr(exp.train_split.data, "skipped", 0)
         if skipped:
             log.warning("%d unreadable training images were skipped (each replaced by the next readable one); "
@@ -428,7 +436,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     latest = ckpt.latest_step()
     try:
         if latest is not None:
-            state = ckpt.restore(latest, exp.restore_target(), None)
+            latest, state = ckpt.restore_latest(exp.restore_target(), None)
         elif config.init_from:
             state = initial_state(exp)
         else:
