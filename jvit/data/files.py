@@ -14,7 +14,7 @@ import logging
 import os
 from collections.abc import Sequence
 
-from jvit.errors import ConfigError
+from jvit.errors import ConfigError, CorruptImageError
 
 log = logging.getLogger("jvit.data")
 

@@ -17,7 +17,7 @@ score map) and applies the bad-input policy:
   decompression bomb (a header claiming more pixels than PIL allows) counts as undecodable.
 * grayscale, palette, CMYK and RGBA images are converted to RGB, as the originals' PIL loader does.
 * a missing dataset directory, a missing split, an empty class folder or an unprepared tfds
-  dataset is a :class:`~jvit.train.config.ConfigError` naming what is missing.
+  dataset is a :class:`~jvit.errors.ConfigError` naming what is missing.
 
 Dataset strings (``config.input.dataset``): ``'mock'``, ``'jvit_digits'``, ``'folder:PATH'`` (the
 ``PATH/<split>/<class>/<image>`` layout, class names sorted) or a tfds name.
