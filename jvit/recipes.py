@@ -166,3 +166,61 @@ def finish(c: ml_collections.ConfigDict, arg: str | None = None) -> ml_collectio
     elif arg:
         raise ValueError(f"unknown config argument {arg!r}; expected 'mock', 'folder:PATH' or 'suite'")
     return finalize(c)
+
+
+def finetune_recipe(
+    model: str,
+    data: str,
+    *,
+    init_from: str = "",
+    img_size: int | None = None,
+    steps: int = 1000,
+    batch_size: int = 64,
+    lr: float = 1e-4,
+    warmup_fraction: float = 0.05,
+    layer_decay: float = 1.0,
+    frozen: bool = False,
+) -> ml_collections.ConfigDict:
+    """Transfer ``model`` (weights from ``init_from``) to ``data``: ``'folder:PATH'``, ``'mock'`` or a tfds
+    name (``train`` / ``test`` splits).
+
+    Step-based, not the 300-epoch ImageNet recipe: AdamW at ``lr`` (not batch-scaled), weight decay 0.05,
+    grad-norm clip 1.0, linear warmup from 1e-6 over ``warmup_fraction`` of the run, then cosine to 1e-6
+    at its end. Both lengths are tied to ``num_train_steps`` (ml_collections field references), so
+    ``--config.num_train_steps=N`` rescales the whole curve. Light augmentation (random-resized crop,
+    flip; no RandAugment, Mixup/CutMix, random erasing or repeated augmentation), label smoothing 0.1,
+    drop path 0.1, no EMA, eval at 5 points of the run. Heads of another class count are re-initialised
+    by ``init_from``; a ``pos_embed`` of another resolution is resized (bicubic).
+
+    ``layer_decay < 1``: layer-wise lr decay (:mod:`jvit.train.finetune`). ``frozen``: only the
+    classifier (``head``, ``aux_head``, SoT's ``classifier``) trains, with the eval-mode forward
+    (BatchNorm statistics kept, no drop path) - a linear probe.
+    """
+    c = default_config()
+    c.model.name, c.model.img_size = model, img_size
+    c.init_from = init_from
+    c.batch_size = batch_size
+    c.num_train_steps = steps
+    run = c.get_ref("num_train_steps") // c.get_ref("grad_accum_steps")  # optimizer updates in the run
+    o = c.optimizer
+    o.name, o.lr, o.b1, o.b2, o.eps = "adamw", lr, 0.9, 0.999, 1e-8
+    o.weight_decay, o.wd_exclude_1d, o.wd_exclude = 0.05, True, ("bias$", "pos_embed$", "cls_token$")
+    o.clip_grad_norm = 1.0
+    o.warmup_lr, o.min_lr = 1e-6, 1e-6
+    o.decay_steps = run
+    o.warmup_steps = (run * warmup_fraction).to_int()
+    o.layer_decay = layer_decay
+    if frozen:
+        o.trainable = ("^(head|aux_head|classifier)/",)
+        c.model.train_in_eval_mode = True
+    c.loss.label_smoothing = 0.1
+    c.model.kwargs.drop_path_rate = 0.1
+    c.input.train_preprocess, c.input.eval_preprocess = "augment", "center_crop"
+    c.augment.inception_crop, c.augment.hflip = True, 0.5
+    c.eval_every_steps = c.get_ref("num_train_steps") // 5
+    c.checkpoint.every_steps = 500
+    c.log_every_steps = 10
+    if data.startswith("folder:") or data == "mock":
+        return finish(c, data)
+    c.input.dataset, c.input.train_split, c.input.eval_splits = data, "train", ("test",)
+    return finalize(c)

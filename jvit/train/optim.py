@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from jvit.train import finetune
+
 Schedule = Callable[[jax.Array], jax.Array]
 
 
@@ -34,13 +36,18 @@ def lr_schedule(config: ml_collections.ConfigDict, updates_per_epoch: float) -> 
         t < num_epochs:   min_lr + (lr - min_lr) * (1 + cos(pi * t / num_epochs)) / 2
         afterwards:       min_lr                                           (cooldown)
 
-    with ``t`` in epochs. The originals step it once per epoch (``lr_per_epoch=True`` floors ``t``);
+    with ``t`` in epochs. ``optimizer.warmup_steps`` / ``optimizer.decay_steps`` (> 0) give the warmup /
+    the cosine in optimizer updates instead of ``warmup_epochs`` / ``num_epochs`` (fine-tuning sets them
+    from the run length, so ``num_train_steps`` rescales the whole curve).
+    The originals step it once per epoch (``lr_per_epoch=True`` floors ``t`` to whole epochs);
     the default evaluates it at every update, which is smoother and the same curve otherwise.
     (timm's DeiT-style loops also lag one epoch behind, e.g. epochs 0 and 1 both at ``warmup_lr``;
     that off-by-one is not reproduced.)
     """
     o = config.optimizer
-    lr, warmup, total = peak_lr(config), o.warmup_epochs, config.num_epochs
+    lr = peak_lr(config)
+    warmup = o.warmup_steps / updates_per_epoch if o.warmup_steps else o.warmup_epochs
+    total = o.decay_steps / updates_per_epoch if o.decay_steps else config.num_epochs
 
     def schedule(count: jax.Array) -> jax.Array:
         t = jnp.asarray(count, jnp.float32) / updates_per_epoch
@@ -90,6 +97,7 @@ def make_optimizer(config: ml_collections.ConfigDict, updates_per_epoch: float) 
                      mask=lambda params: weight_decay_mask(params, config))
     if o.clip_grad_norm:
         tx = optax.chain(optax.clip_by_global_norm(o.clip_grad_norm), tx)
+    tx = finetune.scale_updates(tx, config)
     if config.grad_accum_steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum_steps)
     return tx, schedule

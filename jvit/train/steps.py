@@ -105,7 +105,8 @@ def train_step(
     extra = {} if mix_box is None else {"mix_box": mix_box}
 
     def loss_of(params):
-        outputs, updates = model.apply({"params": params, **state.collections}, images, train=True,
+        outputs, updates = model.apply({"params": params, **state.collections}, images,
+                                       train=not config.model.train_in_eval_mode,
                                        rngs={"dropout": rng}, mutable=mutable, **extra)
         return loss_fn(outputs, targets).mean(), updates
 
