@@ -224,3 +224,35 @@ def finetune_recipe(
         return finish(c, data)
     c.input.dataset, c.input.train_split, c.input.eval_splits = data, "train", ("test",)
     return finalize(c)
+
+
+def stvit_384_recipe(model: str, drop_path: float) -> ml_collections.ConfigDict:
+    """STViT's 384 px fine-tune (README command; stvit.md sections 2.9 and 7): from the 224 model
+    (``--config.init_from``, strict), 30 epochs at 8 x 64 images, AdamW lr 5e-6 per 512 images held
+    constant (``--lr 5e-6 --min-lr 5e-6``, no warmup), weight decay 1e-8, the 224 augmentation, EMA
+    restarted from the loaded weights, and the model in eval mode throughout (``set_training_mode=False``:
+    BatchNorm statistics frozen, drop path off even though ``drop_path`` is passed, as the original)."""
+    c = stvit_recipe(model, drop_path=drop_path)
+    c.model.img_size = 384
+    c.model.train_in_eval_mode = True
+    c.batch_size, c.num_epochs = 512, 30
+    o = c.optimizer
+    o.lr, o.lr_base_batch_size, o.min_lr, o.warmup_epochs, o.weight_decay = 5e-6, 512, 5e-6, 0, 1e-8
+    return c
+
+
+def spvit_384_recipe(model: str, *, batch_size: int, drop_path: float, ema: bool = False, grad_accum_steps: int = 1,
+                     rand_augment: str = "rand-m9-mstd0.5-inc1") -> ml_collections.ConfigDict:
+    """SP-ViT's 384 px fine-tune (``distributed_fine_tune.sh``; spvit.md section 6): the 224 recipe at
+    384 from the 224 weights (``--config.init_from``; ``pos_embed`` resized bicubically, heads kept), lr
+    5e-6 with ``min_lr`` 5e-6 (so after the 5 warmup epochs from 1e-6 the lr is constant), weight decay
+    1e-8, token labels on the 24 x 24 grid, EMA only where the script keeps it (L). The scripts set no
+    epoch count, so the 300 + 10 of the 224 recipe apply as written; with a constant lr a shorter run
+    (``--config.num_epochs``) is the same run stopped early."""
+    c = spvit_recipe(model, batch_size=batch_size, lr=5e-6, drop_path=drop_path, rand_augment=rand_augment)
+    c.model.img_size = 384
+    c.grad_accum_steps = grad_accum_steps
+    c.optimizer.min_lr, c.optimizer.weight_decay = 5e-6, 1e-8
+    if not ema:
+        c.ema.decay = 0.0
+    return c

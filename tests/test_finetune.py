@@ -125,3 +125,49 @@ def test_layer_decay_and_frozen_backbone_scale_the_updates():
     tx, _ = optim.make_optimizer(c, 1.0)
     with pytest.raises(ConfigError, match="matches no parameter"):
         tx.update(grads, tx.init(params), params)
+
+
+def test_384_configs_carry_the_originals_fine_tunes():
+    for name, batch, ema in (("stvit_small_384", 512, 0.99996), ("stvit_large_384", 512, 0.99996),
+                             ("spvit_s_384", 256, 0.0), ("spvit_m_384", 128, 0.0), ("spvit_l_384", 512, 0.99992)):
+        c = config_lib.load_config_file(ROOT / "configs" / f"{name}.py")
+        config_lib.validate(c)
+        assert c.model.img_size == 384 and c.batch_size == batch and c.ema.decay == ema, name
+        assert (c.optimizer.lr, c.optimizer.min_lr, c.optimizer.weight_decay) == (5e-6, 5e-6, 1e-8), name
+        assert c.model.train_in_eval_mode == name.startswith("stvit"), name
+        schedule = optim.lr_schedule(c, updates_per_epoch=10.0)
+        late = float(schedule(10 * 20))  # past any warmup: the lr is constant
+        np.testing.assert_allclose([late, float(schedule(10 * 29))], 5e-6, rtol=1e-6)
+    assert float(optim.lr_schedule(config_lib.load_config_file(ROOT / "configs" / "stvit_small_384.py"), 10.0)(0)) == \
+        pytest.approx(5e-6)  # STViT: no warmup
+    assert config_lib.load_config_file(ROOT / "configs" / "spvit_l_384.py").grad_accum_steps == 4
+
+
+def test_train_in_eval_mode_keeps_batch_stats_and_turns_drop_path_off():
+    from jvit.train import losses, state as state_lib, steps
+    c = finetune_config("stvit_small,mock,batch=8", embed_dim=(8, 16, 16, 16), depths=(1, 1, 1, 1),
+                        num_heads=(1, 1, 1, 1), projection=32, drop_path_rate=0.5,
+                        stoken_size=(1, 1, 1, 1))
+    c.model.img_size = 32
+    model = state_lib.build_model(c, 4)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    variables = {k: v for k, v in variables.items() if k != "intermediates"}
+    batch = {"image": jax.random.randint(jax.random.key(1), (8, 32, 32, 3), 0, 255).astype(jnp.uint8),
+             "label": jnp.arange(8) % 4}
+    out = {}
+    for eval_mode in (False, True):
+        c.model.train_in_eval_mode = eval_mode
+        tx, _ = optim.make_optimizer(c, 1.0)
+        state = state_lib.new_state(variables, tx, c)
+        run = jax.jit(lambda s, seed: steps.train_step(  # noqa: E731
+            s.replace(step=seed), batch, model=model, tx=tx, config=c,
+            loss_fn=losses.LOSSES[c.loss.name], mean=(0.5,) * 3, std=(0.5,) * 3, num_classes=4))
+        (a, ma), (b, mb) = run(state, jnp.int32(0)), run(state, jnp.int32(1))
+        out[eval_mode] = (a, float(ma["loss"]), float(mb["loss"]))
+    stats0 = jax.tree.leaves(variables["batch_stats"])
+    trained, _, _ = out[False]
+    assert any(not np.allclose(x, y) for x, y in zip(stats0, jax.tree.leaves(trained.collections["batch_stats"])))
+    frozen, loss_a, loss_b = out[True]
+    assert all(np.array_equal(x, y) for x, y in zip(stats0, jax.tree.leaves(frozen.collections["batch_stats"])))
+    assert loss_a == loss_b  # no drop path: the step's randomness does not reach the loss
+    assert out[False][1] != out[False][2]
