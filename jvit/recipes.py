@@ -14,8 +14,10 @@ from jvit.train.config import default_config, finalize
 
 
 # The ImageNet eval suite (``--config configs/<x>.py:suite``): ImageNet-1k validation, ImageNetV2
-# (matched frequency), ReaL labels (Beyer et al., 2020) and ImageNet-A (200 classes), all from tfds.
-IMAGENET_SUITE = ("validation", "imagenet_v2:test", "imagenet2012_real:validation", "imagenet_a:test")
+# (matched frequency), ReaL labels (Beyer et al., 2020), ImageNet-A and ImageNet-R (200 classes each), all
+# from tfds.
+IMAGENET_SUITE = ("validation", "imagenet_v2:test", "imagenet2012_real:validation", "imagenet_a:test",
+                  "imagenet_r:test")
 
 
 def imagenet(model: str, img_size: int | None = None) -> ml_collections.ConfigDict:
