@@ -82,12 +82,14 @@ def _natural(name: str) -> list[Any]:
 
 
 def load(source: str, *, seed: int = 0) -> tuple[Any, dict[str, Any], str]:
-    """``(model, variables, name)`` from a converted directory (``python -m jvit.convert``) or, for a
-    registered model name, its architecture with random weights (``seed``)."""
+    """``(model, variables, name)`` from a converted directory (``python -m jvit.convert``, or a trained run
+    exported by :func:`jvit.train.finetune.export`) or, for a registered model name, its architecture with
+    random weights (``seed``)."""
     if os.path.isdir(source):
         variables, meta = jvit.checkpoint.load_variables(source)
         name = meta["model"]
-        model = jvit.create_model(name, num_classes=meta.get("num_classes"), img_size=meta.get("img_size"))
+        model = jvit.create_model(name, num_classes=meta.get("num_classes"), img_size=meta.get("img_size"),
+                                  **meta.get("model_kwargs", {}))
         return model, variables, name
     if source not in jvit.list_models():
         raise ValueError(f"{source!r} is neither a converted checkpoint directory nor a registered model")

@@ -88,6 +88,13 @@ def test_finetune_converted_model_on_a_folder(tmp_path, converted, folder):
     for step, lr in lrs.items():  # logged after step `step`, which used the lr of update step - 1
         np.testing.assert_allclose(lr, timm_lr(step - 1, lr=1e-3, warmup=3, total=12), rtol=1e-5)
     assert loop.setup(c).num_classes == 2  # the converted 100-class head was replaced by the folder's 2
+    # The trained model, exported like a converted release, rebuilds and predicts the folder's classes.
+    exported = finetune.export(c, str(tmp_path / "run"), str(tmp_path / "exported"))
+    from jvit import viz
+    model, variables, name = viz.load(exported)
+    assert name == "hvt_ti_1" and variables["params"]["head"]["kernel"].shape[-1] == 2
+    logits = model.apply(variables, jnp.zeros((1, 32, 32, 3)))
+    assert logits.shape == (1, 2) and np.isfinite(np.asarray(logits)).all()
 
 
 def test_layer_decay_and_frozen_backbone_scale_the_updates():

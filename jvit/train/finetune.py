@@ -15,6 +15,7 @@ weight decay), which is what timm's parameter groups with an ``lr_scale`` comput
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
@@ -107,3 +108,33 @@ def scale_updates(tx: optax.GradientTransformation, config: ml_collections.Confi
         return jax.tree.map(lambda u, s: u * s if s != 1 else u, updates, scales), state
 
     return optax.chain(tx, optax.GradientTransformation(lambda params: optax.EmptyState(), update))
+
+
+def export(config: ml_collections.ConfigDict, workdir: str, output: str, *, ema: bool = False) -> str:
+    """Write the latest checkpoint of the run in ``workdir`` (trained with ``config``) as a converted-style
+    directory (:func:`jvit.checkpoint.save_variables`): the model's variables (the EMA's with ``ema``) and
+    its name, classes and input size, so ``init_from``, ``jvit.viz`` and inference load it like a converted
+    release. Returns the directory."""
+    import jvit.checkpoint
+    from jvit.train import loop, optim
+    from jvit.train.checkpointing import Checkpointer
+
+    exp = loop.setup(config)
+    tx, _ = optim.make_optimizer(config, exp.steps_per_epoch / config.grad_accum_steps)
+    ckpt = Checkpointer(workdir, keep=config.checkpoint.keep, use_async=False)
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {ckpt.directory} to export")
+        abstract, shardings, _ = loop.abstract_state(exp, tx)
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        state = ckpt.restore(step, target, None)
+    finally:
+        ckpt.close()
+    if ema and not state.ema:
+        raise ValueError("ema=True but the run kept no EMA (config.ema.decay = 0)")
+    variables = jax.device_get(state.ema_variables() if ema else state.variables())
+    return jvit.checkpoint.save_variables(output, variables, {
+        "model": config.model.name, "num_classes": exp.num_classes, "img_size": exp.img_size,
+        "source": os.path.abspath(workdir), "step": step, "model_kwargs": config.model.kwargs.to_dict(),
+    })
