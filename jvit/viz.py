@@ -212,7 +212,8 @@ def draw_stvit(model: Any, crop: np.ndarray, inter: dict[str, np.ndarray], out_d
         axes[0].imshow(labels % 20, cmap="tab20", alpha=0.35, extent=extent, interpolation="nearest")
         edges = np.diff(labels, axis=0, prepend=labels[:1]) != 0
         edges |= np.diff(labels, axis=1, prepend=labels[:, :1]) != 0
-        axes[0].imshow(np.ma.masked_where(~edges, edges), cmap="gray", extent=extent, interpolation="nearest")
+        axes[0].imshow(np.ma.masked_where(~edges, edges), cmap="Greys_r", alpha=0.6, extent=extent,
+                       interpolation="nearest")
         axes[0].set_title(f"stage {stage + 1}: {hh}x{ww} super tokens (argmax)")
         axes[1].imshow(crop)
         im = axes[1].imshow(dense[:, centre].reshape(h, w), cmap="magma", alpha=0.7, extent=extent, vmin=0, vmax=1)
