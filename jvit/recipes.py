@@ -15,8 +15,10 @@ from jvit.train.config import default_config, finalize
 
 
 # The ImageNet eval suite (``--config configs/<x>.py:suite``): ImageNet-1k validation, ImageNetV2
-# (matched frequency), ReaL labels (Beyer et al., 2020) and ImageNet-A (200 classes), all from tfds.
-IMAGENET_SUITE = ("validation", "imagenet_v2:test", "imagenet2012_real:validation", "imagenet_a:test")
+# (matched frequency), ReaL labels (Beyer et al., 2020), ImageNet-A and ImageNet-R (200 classes each), all
+# from tfds.
+IMAGENET_SUITE = ("validation", "imagenet_v2:test", "imagenet2012_real:validation", "imagenet_a:test",
+                  "imagenet_r:test")
 
 
 def imagenet(model: str, img_size: int | None = None) -> ml_collections.ConfigDict:
@@ -188,3 +190,93 @@ def finish(c: ml_collections.ConfigDict, arg: str | None = None) -> ml_collectio
     elif arg:
         raise ValueError(f"unknown config argument {arg!r}; expected 'mock', 'folder:PATH' or 'suite'")
     return finalize(c)
+
+
+def finetune_recipe(
+    model: str,
+    data: str,
+    *,
+    init_from: str = "",
+    img_size: int | None = None,
+    steps: int = 1000,
+    batch_size: int = 64,
+    lr: float = 1e-4,
+    warmup_fraction: float = 0.05,
+    layer_decay: float = 1.0,
+    frozen: bool = False,
+) -> ml_collections.ConfigDict:
+    """Transfer ``model`` (weights from ``init_from``) to ``data``: ``'folder:PATH'``, ``'mock'`` or a tfds
+    name (``train`` / ``test`` splits).
+
+    Step-based, not the 300-epoch ImageNet recipe: AdamW at ``lr`` (not batch-scaled), weight decay 0.05,
+    grad-norm clip 1.0, linear warmup from 1e-6 over ``warmup_fraction`` of the run, then cosine to 1e-6
+    at its end. Both lengths are tied to ``num_train_steps`` (ml_collections field references), so
+    ``--config.num_train_steps=N`` rescales the whole curve. Light augmentation (random-resized crop,
+    flip; no RandAugment, Mixup/CutMix, random erasing or repeated augmentation), label smoothing 0.1,
+    drop path 0.1, no EMA, eval at 5 points of the run. Heads of another class count are re-initialised
+    by ``init_from``; a ``pos_embed`` of another resolution is resized (bicubic).
+
+    ``layer_decay < 1``: layer-wise lr decay (:mod:`jvit.train.finetune`). ``frozen``: only the
+    classifier (``head``, ``aux_head``, SoT's ``classifier``) trains, with the eval-mode forward
+    (BatchNorm statistics kept, no drop path) - a linear probe.
+    """
+    c = default_config()
+    c.model.name, c.model.img_size = model, img_size
+    c.init_from = init_from
+    c.batch_size = batch_size
+    c.num_train_steps = steps
+    run = c.get_ref("num_train_steps") // c.get_ref("grad_accum_steps")  # optimizer updates in the run
+    o = c.optimizer
+    o.name, o.lr, o.b1, o.b2, o.eps = "adamw", lr, 0.9, 0.999, 1e-8
+    o.weight_decay, o.wd_exclude_1d, o.wd_exclude = 0.05, True, ("bias$", "pos_embed$", "cls_token$")
+    o.clip_grad_norm = 1.0
+    o.warmup_lr, o.min_lr = 1e-6, 1e-6
+    o.decay_steps = run
+    o.warmup_steps = (run * warmup_fraction).to_int()
+    o.layer_decay = layer_decay
+    if frozen:
+        o.trainable = ("^(head|aux_head|classifier)/",)
+        c.model.train_in_eval_mode = True
+    c.loss.label_smoothing = 0.1
+    c.model.kwargs.drop_path_rate = 0.1
+    c.input.train_preprocess, c.input.eval_preprocess = "augment", "center_crop"
+    c.augment.inception_crop, c.augment.hflip = True, 0.5
+    c.eval_every_steps = c.get_ref("num_train_steps") // 5
+    c.checkpoint.every_steps = 500
+    c.log_every_steps = 10
+    if data.startswith("folder:") or data == "mock":
+        return finish(c, data)
+    c.input.dataset, c.input.train_split, c.input.eval_splits = data, "train", ("test",)
+    return finalize(c)
+
+
+def stvit_384_recipe(model: str, drop_path: float) -> ml_collections.ConfigDict:
+    """STViT's 384 px fine-tune (README command; stvit.md sections 2.9 and 7): from the 224 model
+    (``--config.init_from``, strict), 30 epochs at 8 x 64 images, AdamW lr 5e-6 per 512 images held
+    constant (``--lr 5e-6 --min-lr 5e-6``, no warmup), weight decay 1e-8, the 224 augmentation, EMA
+    restarted from the loaded weights, and the model in eval mode throughout (``set_training_mode=False``:
+    BatchNorm statistics frozen, drop path off even though ``drop_path`` is passed, as the original)."""
+    c = stvit_recipe(model, drop_path=drop_path)
+    c.model.img_size = 384
+    c.model.train_in_eval_mode = True
+    c.batch_size, c.num_epochs = 512, 30
+    o = c.optimizer
+    o.lr, o.lr_base_batch_size, o.min_lr, o.warmup_epochs, o.weight_decay = 5e-6, 512, 5e-6, 0, 1e-8
+    return c
+
+
+def spvit_384_recipe(model: str, *, batch_size: int, drop_path: float, ema: bool = False, grad_accum_steps: int = 1,
+                     rand_augment: str = "rand-m9-mstd0.5-inc1") -> ml_collections.ConfigDict:
+    """SP-ViT's 384 px fine-tune (``distributed_fine_tune.sh``; spvit.md section 6): the 224 recipe at
+    384 from the 224 weights (``--config.init_from``; ``pos_embed`` resized bicubically, heads kept), lr
+    5e-6 with ``min_lr`` 5e-6 (so after the 5 warmup epochs from 1e-6 the lr is constant), weight decay
+    1e-8, token labels on the 24 x 24 grid, EMA only where the script keeps it (L). The scripts set no
+    epoch count, so the 300 + 10 of the 224 recipe apply as written; with a constant lr a shorter run
+    (``--config.num_epochs``) is the same run stopped early."""
+    c = spvit_recipe(model, batch_size=batch_size, lr=5e-6, drop_path=drop_path, rand_augment=rand_augment)
+    c.model.img_size = 384
+    c.grad_accum_steps = grad_accum_steps
+    c.optimizer.min_lr, c.optimizer.weight_decay = 5e-6, 1e-8
+    if not ema:
+        c.ema.decay = 0.0
+    return c

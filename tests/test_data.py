@@ -308,6 +308,20 @@ def test_imagenet_a_scores_the_argmax_over_its_200_classes():
     assert restricted["top1"] == 2 and restricted["top5"] == 2
 
 
+def test_imagenet_r_subset_is_in_the_suite_and_names_its_classes():
+    from tensorflow_datasets.datasets.imagenet2012 import imagenet_common
+    from jvit import recipes
+
+    subset = sources.CLASS_SUBSETS["imagenet_r"]
+    assert len(subset) == 200 == len(set(subset)) and list(subset) == sorted(subset) and subset[-1] < 1000
+    assert "imagenet_r:test" in recipes.IMAGENET_SUITE
+    with open(imagenet_common.label_names_file()) as f:
+        wnids = f.read().split()
+    # The ids index tfds's label order: the smallest and largest of the authors' wnids (goldfish, acorn).
+    assert [wnids[i] for i in (subset[0], subset[-1])] == ["n01443537", "n12267677"]
+    assert sources.IMAGENET_A_CLASSES != subset
+
+
 def test_real_labels_count_a_prediction_in_the_set_and_skip_unlabelled_images():
     logits = np.zeros((3, 6), np.uint8)
     logits[:, 2] = 9  # every image predicts class 2

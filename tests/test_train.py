@@ -121,10 +121,11 @@ def test_every_shipped_config_loads_and_names_a_registered_model():
     names = sorted(p.stem for p in (ROOT / "configs").glob("*.py") )
     assert {"default", "sot_base", "hvt_s_1"} <= set(names)
     for name in names:
-        c = load_config(name)
+        prefix = "hvt_ti_1," if name == "finetune" else ""  # finetune.py's argument names the model
+        c = load_config(name, prefix + "mock" if prefix else None)
         config_lib.validate(c)
         assert c.model.name in jvit.list_models(), name
-        assert load_config(name, "mock").input.dataset == "mock" or name == "default"
+        assert load_config(name, prefix + "mock").input.dataset == "mock" or name == "default"
 
 
 def test_recipe_configs_load_validate_and_carry_the_spec_recipe():

@@ -25,7 +25,7 @@ import numpy as np
 
 import jvit
 from jvit.data import pipeline
-from jvit.train import loop, optim, sharding
+from jvit.train import loop, sharding
 from jvit.train.config import load_config_file
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -72,15 +72,13 @@ def report(model: str, batch: int, meshes: dict[str, tuple[int, int]]) -> None:
         with config.unlocked():
             config.mesh.data, config.mesh.fsdp = data, fsdp
         exp = loop.setup(config)
-        tx, _ = optim.make_optimizer(config, exp.steps_per_epoch)
-        abstract, shardings, _ = loop.abstract_state(exp, tx)
-        train_fn, _ = loop.compiled_steps(exp, tx, shardings)
+        abstract, shardings = exp.abstract_state, exp.state_shardings()
+        train_fn, _ = loop.compiled_steps(exp)
         local = next(pipeline.train_iterator(exp.train_split.data, batch_size=batch, preprocess=exp.train_preprocess,
                                              seed=0, num_threads=1))
         batch_sharding = sharding.batch_sharding(exp.mesh)
         abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding) for k, v in local.items()}
-        abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                      abstract, shardings)
+        abstract_state = exp.restore_target()
         t0 = time.time()
         compiled = train_fn.lower(abstract_state, abstract_batch).compile()
         seconds = time.time() - t0

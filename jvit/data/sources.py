@@ -289,7 +289,23 @@ IMAGENET_A_CLASSES = (
     888, 890, 897, 900, 907, 913, 924, 932, 933, 934, 937, 943, 945, 947, 951, 954, 956, 957, 959, 971, 972,
     980, 981, 984, 986, 987, 988,
 )
-CLASS_SUBSETS = {"imagenet_a": IMAGENET_A_CLASSES}
+# ImageNet-R (Hendrycks et al., "The Many Faces of Robustness", ICCV 2021): renditions (art, cartoons,
+# sketches, ...) of 200 ImageNet classes, labelled by tfds with ImageNet-1k ids and scored by the argmax over
+# these 200 logits. The ids are the positions of `imagenet_r_wnids` in `all_wnids` (sorted WordNet ids, the
+# tfds/torchvision class order) in the authors' eval.py (github.com/hendrycks/imagenet-r, commit 3131cac).
+IMAGENET_R_CLASSES = (
+    1, 2, 4, 6, 8, 9, 11, 13, 22, 23, 26, 29, 31, 39, 47, 63, 71, 76, 79, 84, 90, 94, 96, 97, 99, 100, 105, 107,
+    113, 122, 125, 130, 132, 144, 145, 147, 148, 150, 151, 155, 160, 161, 162, 163, 171, 172, 178, 187, 195,
+    199, 203, 207, 208, 219, 231, 232, 234, 235, 242, 245, 247, 250, 251, 254, 259, 260, 263, 265, 267, 269,
+    276, 277, 281, 288, 289, 291, 292, 293, 296, 299, 301, 308, 309, 310, 311, 314, 315, 319, 323, 327, 330,
+    334, 335, 337, 338, 340, 341, 344, 347, 353, 355, 361, 362, 365, 366, 367, 368, 372, 388, 390, 393, 397,
+    401, 407, 413, 414, 425, 428, 430, 435, 437, 441, 447, 448, 457, 462, 463, 469, 470, 471, 472, 476, 483,
+    487, 515, 546, 555, 558, 570, 579, 583, 587, 593, 594, 596, 609, 613, 617, 621, 629, 637, 657, 658, 701,
+    717, 724, 763, 768, 774, 776, 779, 780, 787, 805, 812, 815, 820, 824, 833, 847, 852, 866, 875, 883, 889,
+    895, 907, 928, 931, 932, 933, 934, 936, 937, 943, 945, 947, 948, 949, 951, 953, 954, 957, 963, 965, 967,
+    980, 981, 983, 988,
+)
+CLASS_SUBSETS = {"imagenet_a": IMAGENET_A_CLASSES, "imagenet_r": IMAGENET_R_CLASSES}
 
 
 def parse_split(spec: str, default_dataset: str) -> tuple[str, str]:

@@ -62,6 +62,9 @@ def default_config() -> ml_collections.ConfigDict:
     # BatchNorm batch statistics in training: 'per_device' (each device's rows, as the originals' DDP
     # training without SyncBN) or 'global' (the whole global batch, SyncBN).
     c.model.batch_norm = "per_device"
+    # Train with the eval-mode forward: BatchNorm on (and keeping) its running stats, no drop path or
+    # dropout (STViT's --finetune runs its model in eval mode).
+    c.model.train_in_eval_mode = False
 
     # Start from weights: a jvit checkpoint directory (jvit.checkpoint.save_variables, e.g. written
     # by tools/convert_torch.py) or an original PyTorch .pth/.pth.tar. Heads whose class count
@@ -119,6 +122,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.optimizer.warmup_lr = 1e-6
     c.optimizer.min_lr = 0.0
     c.optimizer.lr_per_epoch = False  # True: lr changes once per epoch (timm t_in_epochs)
+    # Fine-tuning (jvit.train.finetune): schedule lengths in optimizer updates, layer-wise lr decay, frozen params.
+    c.optimizer.warmup_steps = 0  # >0: warmup over this many updates instead of warmup_epochs
+    c.optimizer.decay_steps = 0  # >0: cosine over this many updates instead of num_epochs, then min_lr
+    c.optimizer.layer_decay = 1.0  # <1: lr of block i scaled by layer_decay ** (depth + 1 - layer id)
+    c.optimizer.trainable = ()  # regexes on param paths; non-empty: only matching params are updated
 
     c.loss = ml_collections.ConfigDict()
     c.loss.name = "softmax_xent"  # a name from jvit.train.losses.LOSSES

@@ -118,6 +118,9 @@ class TokenLabel:
                           "(SP-ViT/LV-ViT train with MixToken instead)")
         if config.input.token_label_dir and config.input.train_preprocess != "augment":
             errors.append("input.token_label_dir needs input.train_preprocess='augment'")
+        if config.model.train_in_eval_mode:
+            errors.append("model.train_in_eval_mode cannot train loss.name='token_label' (the eval forward has no "
+                          "token outputs)")
         return errors
 
     def check_model(self, model: nn.Module) -> None:

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from jvit.train import finetune
+
 Schedule = Callable[[jax.Array], jax.Array]
 
 
@@ -41,6 +43,7 @@ def validate(config: ml_collections.ConfigDict) -> list[str]:
         (o.warmup_lr >= 0 and o.min_lr >= 0, f"optimizer.warmup_lr={o.warmup_lr}, min_lr={o.min_lr} must be >= 0"),
     )
     errors += [message for ok, message in checks if not ok]
+    errors += finetune.validate(config)
     for field in ("wd_exclude", "wd_include"):
         for pattern in o[field]:
             try:
@@ -57,15 +60,20 @@ def lr_schedule(config: ml_collections.ConfigDict, updates_per_epoch: float) -> 
         t < num_epochs:   min_lr + (lr - min_lr) * (1 + cos(pi * t / num_epochs)) / 2
         afterwards:       min_lr                                           (cooldown)
 
-    with ``t`` in epochs, composed from optax's linear and cosine schedules. The originals step it
-    once per epoch (``lr_per_epoch=True`` floors ``t``); the default evaluates it at every update,
-    which is smoother and the same curve otherwise. (timm's DeiT-style loops also lag one epoch
-    behind, e.g. epochs 0 and 1 both at ``warmup_lr``; that off-by-one is not reproduced.)
+    with ``t`` in epochs, composed from optax's linear and cosine schedules. ``optimizer.warmup_steps`` /
+    ``optimizer.decay_steps`` (> 0) give the warmup / the cosine in optimizer updates instead of
+    ``warmup_epochs`` / ``num_epochs`` (fine-tuning sets them from the run length, so ``num_train_steps``
+    rescales the whole curve). The originals step it once per epoch (``lr_per_epoch=True`` floors ``t``);
+    the default evaluates it at every update, which is smoother and the same curve otherwise. (timm's
+    DeiT-style loops also lag one epoch behind, e.g. epochs 0 and 1 both at ``warmup_lr``; that
+    off-by-one is not reproduced.)
     """
     o = config.optimizer
-    lr, warmup = peak_lr(config), o.warmup_epochs
+    lr = peak_lr(config)
+    warmup = o.warmup_steps / updates_per_epoch if o.warmup_steps else o.warmup_epochs
+    total = o.decay_steps / updates_per_epoch if o.decay_steps else config.num_epochs
     # timm's cosine runs over t from 0 (not from the end of the warmup), so it is shifted by it.
-    cosine = optax.cosine_decay_schedule(lr, config.num_epochs, alpha=o.min_lr / lr)
+    cosine = optax.cosine_decay_schedule(lr, total, alpha=o.min_lr / lr)
     in_epochs = cosine
     if warmup > 0:
         # Written as timm writes it: optax.linear_schedule's ``(start - end) * frac + end`` in float32
@@ -117,6 +125,7 @@ def make_optimizer(config: ml_collections.ConfigDict, updates_per_epoch: float) 
                      mask=lambda params: weight_decay_mask(params, config))
     if o.clip_grad_norm:
         tx = optax.chain(optax.clip_by_global_norm(o.clip_grad_norm), tx)
+    tx = finetune.scale_updates(tx, config)
     if config.grad_accum_steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum_steps)
     return tx, schedule

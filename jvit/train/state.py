@@ -19,6 +19,7 @@ import jvit
 import jvit.checkpoint
 import jvit.convert
 from jvit.errors import ConfigError
+from jvit.models import resize
 
 log = logging.getLogger("jvit.train")
 
@@ -105,7 +106,8 @@ def merge_pretrained(fresh: dict[str, Any], loaded: dict[str, Any], num_classes:
     """``fresh`` with every leaf replaced by ``loaded``'s, except classifier leaves whose class
     dimension differs (those keep their fresh init). Returns ``(variables, reinitialised names)``.
 
-    A leaf may differ from the checkpoint only where the new model's dimension is ``num_classes``;
+    A ``pos_embed`` made for another input size is resized (:func:`jvit.models.resize.fit_pos_embed`).
+    Otherwise a leaf may differ from the checkpoint only where the new model's dimension is ``num_classes``;
     any other difference (missing or extra names, other shapes) raises, naming every one.
     """
     flat_fresh = traverse_util.flatten_dict(fresh, sep="/")
@@ -117,6 +119,9 @@ def merge_pretrained(fresh: dict[str, Any], loaded: dict[str, Any], num_classes:
         if name not in flat_loaded:
             continue
         old = flat_loaded[name]
+        if name.startswith("params/") and tuple(old.shape) != tuple(value.shape):
+            resized = resize.fit_pos_embed(name, np.asarray(old), tuple(value.shape))
+            old = old if resized is None else resized
         if tuple(old.shape) == tuple(value.shape):
             merged[name] = np.asarray(old, dtype=value.dtype)
         elif len(old.shape) == len(value.shape) and all(

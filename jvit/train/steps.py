@@ -76,8 +76,9 @@ def train_step(
 
     def loss_and_grads(params, collections, images, targets, apply_kwargs, rng):
         def loss_of(params):
-            outputs, updates = model.apply({"params": params, **collections}, images, train=True,
-                                           rngs={"dropout": rng}, mutable=mutable, **apply_kwargs)
+            outputs, updates = model.apply({"params": params, **collections}, images,
+                                           train=not config.model.train_in_eval_mode, rngs={"dropout": rng},
+                                           mutable=mutable, **apply_kwargs)
             return loss(outputs, targets).mean(), updates
 
         return jax.value_and_grad(loss_of, has_aux=True)(params)
