@@ -202,8 +202,9 @@ def setup(config: ml_collections.ConfigDict, *, mode: str = "train", workdir: st
 
 
 def save_config(exp: Experiment, workdir: str) -> None:
-    """Write :meth:`Experiment.resolved_config` to ``<workdir>/config.json`` (process 0), warning
-    about fields that changed since the previous run there."""
+    """Write :meth:`Experiment.resolved_config` to ``<workdir>/config.json`` and the run's model
+    metadata to ``<workdir>/jvit.json`` (process 0), warning about fields that changed since the
+    previous run there."""
     path = os.path.join(workdir, "config.json")
     text = json.dumps(exp.resolved_config(), indent=2, sort_keys=True, default=str)
     old = _saved_run(workdir)
@@ -214,6 +215,12 @@ def save_config(exp: Experiment, workdir: str) -> None:
     if jax.process_index() == 0:
         with open(path, "w") as f:
             f.write(text + "\n")
+        # The metadata a converted directory carries, so the run loads wherever one does (predict, init_from).
+        jvit.checkpoint.write_run_metadata(
+            workdir, model=exp.config.model.name, num_classes=exp.num_classes, img_size=exp.img_size,
+            classes=exp.class_names, model_kwargs=exp.config.model.kwargs.to_dict(),
+            source=exp.config.init_from or "jvit.main", crop_pct=exp.crop_pct, interpolation=exp.interpolation,
+            mean=list(exp.mean), std=list(exp.std))
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
