@@ -25,11 +25,8 @@ from typing import Any
 from absl import app, flags
 from ml_collections import config_flags
 
-import jvit
-from jvit.convert.torch_io import CheckpointFormatError, UnsafeCheckpointError
-from jvit.errors import ConfigError, CorruptImageError
-from jvit.train import distributed, loop
-from jvit.train.checkpointing import CheckpointWriteError, NoUsableCheckpointError
+# jvit itself (and with it JAX, TensorFlow and their start-up log lines) is imported only after the
+# flags parsed: a misspelt flag is one line, printed at once. Nothing here is imported lazily to dodge a cycle.
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (configs/<exp>.py[:arg])",
                                           lock_config=True)
@@ -81,6 +78,8 @@ def apply_model_kwargs(config: Any, overrides: list[tuple[str, str]]) -> None:
     """Set ``config.model.kwargs[name] = value`` for each ``(name, text)`` override, checking ``name``
     against the constructor fields of the registered variant ``config.model.name`` (its linen
     Module's dataclass fields) and typing the value like the field's current value."""
+    import jvit
+
     module = jvit.create_model(config.model.name)
     fields = {f.name: getattr(module, f.name) for f in dataclasses.fields(module)
               if f.init and f.name not in ("parent", "name", "num_classes", "img_size")}
@@ -141,21 +140,27 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 # Exceptions that are an operator's to fix: reported as one line, not a traceback.
-_CLEAN_ERRORS = (ConfigError, loop.NonFiniteLossError, CheckpointWriteError, NoUsableCheckpointError,
-                 CorruptImageError, UnsafeCheckpointError, CheckpointFormatError, distributed.DistributedInitError)
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     pylogging.getLogger("absl").addFilter(_QuietLibraries())
+    from jvit.convert.torch_io import CheckpointFormatError, UnsafeCheckpointError
+    from jvit.errors import ConfigError, CorruptImageError
+    from jvit.train import distributed, loop
+    from jvit.train.checkpointing import CheckpointWriteError, NoUsableCheckpointError
+
+    # Errors that are an operator's to fix: reported as one line, not a traceback.
+    clean = (ConfigError, loop.NonFiniteLossError, CheckpointWriteError, NoUsableCheckpointError, CorruptImageError,
+             UnsafeCheckpointError, CheckpointFormatError, distributed.DistributedInitError)
     run = loop.train_and_evaluate if _MODE.value == "train" else loop.evaluate_checkpoint
     loop.enable_compilation_cache(_CONFIG.value, _WORKDIR.value)
     try:
         run(_CONFIG.value, _WORKDIR.value)
     except Exception as e:
         cause = e
-        while cause is not None and not isinstance(cause, _CLEAN_ERRORS):  # grain wraps errors of its worker threads
+        while cause is not None and not isinstance(cause, clean):  # grain wraps errors of its worker threads
             cause = cause.__cause__ or cause.__context__
         if cause is None:
             raise
