@@ -31,6 +31,26 @@ from jvit.summary import summarize
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
+# Dense peak TFLOP/s per chip (vendor datasheets; bf16 without sparsity, fp32 for float32 compute, where
+# Hopper/Ampere float32 matmuls run as TF32 unless the precision is set to HIGHEST). The CPU row is the
+# measured oneDNN ceiling of this project's 2-core CI machine (../shared/tools/README.md).
+PEAK_TFLOPS = {
+    "H100": {"bfloat16": 989.0, "float32": 67.0},
+    "H200": {"bfloat16": 989.0, "float32": 67.0},
+    "A100": {"bfloat16": 312.0, "float32": 19.5},
+    "TPU v4": {"bfloat16": 275.0, "float32": 275.0},
+    "TPU v5 lite": {"bfloat16": 197.0, "float32": 197.0},  # v5e
+    "TPU v5": {"bfloat16": 459.0, "float32": 459.0},  # v5p
+    "cpu": {"bfloat16": 0.347, "float32": 0.347},
+}
+
+
+def peak_tflops(device_kind: str, platform: str, dtype: str) -> float | None:
+    """The table's peak for this device (longest matching name), ``None`` for an unknown chip."""
+    names = [n for n in PEAK_TFLOPS if n.lower() in device_kind.lower()] or (["cpu"] if platform == "cpu" else [])
+    return PEAK_TFLOPS[max(names, key=len)][dtype] if names else None
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, choices=jvit.list_models(), metavar="NAME")
@@ -42,6 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="timed steps (>= 10 recommended)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     p.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
+    p.add_argument("--peak-tflops", type=float, default=None, help="chip peak for MFU (default: the table)")
     return p.parse_args(argv)
 
 
@@ -129,6 +150,16 @@ def main(argv=None) -> None:
     figures.update(gflops_per_image=flops and round(flops / 1e9, 3),
                    fwd_gflop_per_s=flops and round(flops / 1e9 * args.batch / median, 1),
                    train_activation_mib_per_image=act and round(act / 2**20, 1))
+    # The timed step's own FLOPs (XLA cost analysis of the compiled program: forward + backward + optimizer
+    # in train mode) over its time, against the chip's dense peak for the compute dtype.
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    step_flops = (cost or {}).get("flops")
+    peak = args.peak_tflops or peak_tflops(device.device_kind, device.platform, args.dtype)
+    achieved = step_flops and step_flops / median / 1e12
+    figures.update(step_tflop=step_flops and round(step_flops / 1e12, 4), achieved_tflop_per_s=achieved and round(achieved, 3),
+                   peak_tflop_per_s=peak, mfu=achieved and peak and round(achieved / peak, 4),
+                   batch=args.batch, dtype=args.dtype)
     finite = jax.tree.leaves(jax.tree.map(lambda a: bool(np.isfinite(np.asarray(a, np.float32)).all()), out))
     print("result: " + " ".join(f"{k}={v}" for k, v in figures.items()) + ("" if all(finite) else " NON-FINITE"),
           flush=True)
