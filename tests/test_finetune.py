@@ -168,7 +168,7 @@ def test_train_in_eval_mode_keeps_batch_stats_and_turns_drop_path_off():
         state = state_lib.new_state(variables, tx, c)
         run = jax.jit(lambda s, seed: steps.train_step(  # noqa: E731
             s.replace(step=seed), batch, model=model, tx=tx, config=c,
-            loss_fn=losses.LOSSES[c.loss.name], mean=(0.5,) * 3, std=(0.5,) * 3, num_classes=4))
+            loss=losses.make_loss(c), mean=(0.5,) * 3, std=(0.5,) * 3, num_classes=4))
         (a, ma), (_, mb) = run(state, jnp.int32(0)), run(state, jnp.int32(1))
         out[eval_mode] = (a, float(ma["loss"]), float(mb["loss"]))
     stats0 = jax.tree.leaves(variables["batch_stats"])

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS, BATCH, TRAIN_EXAMPLES, EVAL_EXAMPLES = 24, 64, 1437, 360
 FLAGS = ["--config", str(ROOT / "configs" / "default.py"), f"--config.num_train_steps={STEPS}",
          "--config.checkpoint.every_steps=8", "--config.checkpoint.use_async=False", "--config.eval_every_steps=0",
-         "--config.input.num_threads=0", "--config.input.prefetch_batches=0"]
+         "--config.input.num_threads=0", "--config.input.prefetch_batches=0", "--config.input.device_prefetch=0"]
 TIMEOUT = 600
 
 

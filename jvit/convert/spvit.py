@@ -9,9 +9,9 @@ but two checks and one adaptation, done by :func:`prepare`:
 * the ``pos_embed`` layout: ``L`` rows when the class token enters late, ``L + 1`` when it is
   prepended (``cls_insert_block == 0``);
 * a ``pos_embed`` for another grid (a 224 checkpoint loaded into a 384 model) is resized with
-  PyTorch's bicubic interpolation (in JAX, :mod:`jvit.models.resize`), as the original's fine-tune
-  loader does; official 384 checkpoints already hold the 24x24 table and load unchanged. SP-SA priors need
-  nothing: they are recomputed from the offsets of the model's grid.
+  PyTorch's own bicubic interpolation, exactly as the original's fine-tune loader does; official 384
+  checkpoints already hold the 24x24 table and load unchanged. SP-SA priors need nothing: they
+  are recomputed from the offsets of the model's grid.
 
 Wrappers: the released files hold ``state_dict`` and (for EMA runs) ``state_dict_ema``; the
 variants' ``PretrainedCfg.weights_keys`` pick what the original evaluated.
@@ -25,7 +25,7 @@ import math
 import numpy as np
 
 from jvit.convert.core import ConversionError, ConversionRules
-from jvit.models import resize
+from jvit.convert.torch_io import _import_torch
 
 log = logging.getLogger("jvit.convert")
 
@@ -34,15 +34,21 @@ def resize_pos_embed(pos_embed: np.ndarray, grid: int, num_prefix: int) -> np.nd
     """Resize a ``[1, prefix + s*s, C]`` position table to ``[1, prefix + grid*grid, C]``.
 
     The ``num_prefix`` leading rows (a class token's) are kept as they are; the ``s x s`` grid rows
-    (row-major) are resized with :func:`jvit.models.resize.resize_grid`, the JAX form of the
-    ``torch.nn.functional.interpolate(mode='bicubic', align_corners=False)`` call the original's
-    fine-tune loader makes (Keys' kernel with a = -0.75 and border clamping).
+    (row-major) are resized with ``torch.nn.functional.interpolate(mode='bicubic',
+    align_corners=False)``, the call the original's fine-tune loader makes, so the result is
+    bit-identical to it (PyTorch's bicubic is Keys' kernel with a = -0.75 and border clamping;
+    ``jax.image.resize`` uses a = -0.5). Reading the checkpoint needs torch anyway. Without torch
+    (``init_from`` a converted directory into a larger model) :mod:`jvit.models.resize` computes the
+    same resize in JAX, equal to this to float32 rounding (~1e-7), not bit for bit.
     """
+    torch = _import_torch()
     prefix, table = pos_embed[:, :num_prefix], pos_embed[0, num_prefix:]
     old = math.isqrt(table.shape[0])
     if old * old != table.shape[0]:
         raise ConversionError(f"pos_embed has {table.shape[0]} grid rows, not a square grid")
-    resized = np.asarray(resize.resize_grid(table.reshape(old, old, -1), (grid, grid))).reshape(1, grid * grid, -1)
+    g = torch.from_numpy(np.ascontiguousarray(table)).reshape(1, old, old, -1).permute(0, 3, 1, 2)
+    g = torch.nn.functional.interpolate(g, size=(grid, grid), mode="bicubic", align_corners=False)
+    resized = g.permute(0, 2, 3, 1).reshape(1, grid * grid, -1).numpy()
     return np.concatenate([prefix, resized.astype(pos_embed.dtype)], axis=1)
 
 
