@@ -24,8 +24,15 @@ See :func:`jvit.recipes.finetune_recipe`.
 
 from jvit import recipes
 
-_KEYS = {"init": ("init_from", str), "img": ("img_size", int), "steps": ("steps", int), "batch": ("batch_size", int),
-         "lr": ("lr", float), "warmup": ("warmup_fraction", float), "layer_decay": ("layer_decay", float)}
+_KEYS = {
+    "init": ("init_from", str),
+    "img": ("img_size", int),
+    "steps": ("steps", int),
+    "batch": ("batch_size", int),
+    "lr": ("lr", float),
+    "warmup": ("warmup_fraction", float),
+    "layer_decay": ("layer_decay", float),
+}
 
 
 def get_config(arg=None):
@@ -39,8 +46,9 @@ def get_config(arg=None):
             continue
         key, sep, value = option.partition("=")
         if not sep or key not in _KEYS:
-            raise ValueError(f"unknown fine-tune option {option!r}; expected frozen or one of "
-                             f"{', '.join(k + '=' for k in _KEYS)}")
+            raise ValueError(
+                f"unknown fine-tune option {option!r}; expected frozen or one of {', '.join(k + '=' for k in _KEYS)}"
+            )
         name, kind = _KEYS[key]
         kwargs[name] = kind(value)
     return recipes.finetune_recipe(model, data, **kwargs)

@@ -1,10 +1,12 @@
-"""HVT-S-2 (C=384, 6 heads, pooling after blocks 0 and 6: 196 -> 97 -> 48 tokens) on ImageNet-1k at 224px, the original recipe.
+"""HVT-S-2 (C=384, 6 heads, pooling after blocks 0 and 6: 196 -> 97 -> 48 tokens) on ImageNet-1k at 224px, the
+original recipe.
 
     python -m jvit.main --config configs/hvt_s_2.py --workdir runs/hvt_s_2
     python -m jvit.main --config configs/hvt_s_2.py:mock --workdir /tmp/hvt_s_2_mock   # no dataset needed
 
 Recipe: :func:`jvit.recipes.hvt_recipe` (batch 1024, AdamW lr 1e-3, wd 0.025 without pos_embeds,
-300 epochs warmup + cosine, drop path 0.1, repeated augmentation, no EMA). DeiT augmentation (timm, see recipes.deit_augment).
+300 epochs warmup + cosine, drop path 0.1, repeated augmentation, no EMA). DeiT augmentation (timm, see
+recipes.deit_augment).
 
 Original result (Pan et al., ICCV 2021): 77.36 / 93.55 top-1 / top-5; 1.94 GFLOPs, 22.11M params.
 """

@@ -4,7 +4,8 @@
     python -m jvit.main --config configs/sot_base.py:mock --workdir /tmp/sot_base_mock   # no dataset needed
 
 Recipe: :func:`jvit.recipes.sot_recipe` with global batch 512, AdamW lr 0.0005 and weight decay 0.065
-(300 epochs warmup + cosine + 10 cooldown, drop path 0.1, EMA 0.99996). DeiT augmentation (timm, see recipes.deit_augment).
+(300 epochs warmup + cosine + 10 cooldown, drop path 0.1, EMA 0.99996). DeiT augmentation (timm, see
+recipes.deit_augment).
 
 Original result: 83.5% top-1, 34.6% on ImageNet-A; 76.8M params.
 """

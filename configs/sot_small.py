@@ -4,7 +4,8 @@
     python -m jvit.main --config configs/sot_small.py:mock --workdir /tmp/sot_small_mock   # no dataset needed
 
 Recipe: :func:`jvit.recipes.sot_recipe` with global batch 1024, AdamW lr 0.001 and weight decay 0.03
-(300 epochs warmup + cosine + 10 cooldown, drop path 0.1, EMA 0.99996). DeiT augmentation (timm, see recipes.deit_augment).
+(300 epochs warmup + cosine + 10 cooldown, drop path 0.1, EMA 0.99996). DeiT augmentation (timm, see
+recipes.deit_augment).
 
 Original result: 82.7% top-1, 31.8% on ImageNet-A; 27.0M params.
 """

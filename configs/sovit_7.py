@@ -1,4 +1,5 @@
-"""So-ViT-7 (ResNet token embedding, C=256, depth 7, cross-covariance head 48x24) on ImageNet-1k at 224px, the original recipe.
+"""So-ViT-7 (ResNet token embedding, C=256, depth 7, cross-covariance head 48x24) on ImageNet-1k at 224px, the
+original recipe.
 
     python -m jvit.main --config configs/sovit_7.py --workdir runs/sovit_7
     python -m jvit.main --config configs/sovit_7.py:mock --workdir /tmp/sovit_7_mock   # no dataset needed

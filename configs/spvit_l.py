@@ -1,4 +1,5 @@
-"""SP-ViT-L (C=768, depth 24, no SP-SA block in the released code, class token before block 22) on ImageNet-1k at 224px, the original recipe.
+"""SP-ViT-L (C=768, depth 24, no SP-SA block in the released code, class token before block 22) on ImageNet-1k at
+224px, the original recipe.
 
     python -m jvit.main --config configs/spvit_l.py --workdir runs/spvit_l
     python -m jvit.main --config configs/spvit_l.py:mock --workdir /tmp/spvit_l_mock   # no dataset needed
@@ -16,5 +17,7 @@ from jvit import recipes
 
 
 def get_config(arg=None):
-    c = recipes.spvit_recipe("spvit_l", batch_size=800, lr=0.0006, drop_path=0.3, rand_augment="rand-n3-m9-mstd0.5-inc1")
+    c = recipes.spvit_recipe(
+        "spvit_l", batch_size=800, lr=0.0006, drop_path=0.3, rand_augment="rand-n3-m9-mstd0.5-inc1"
+    )
     return recipes.finish(c, arg)

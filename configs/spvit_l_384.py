@@ -18,6 +18,7 @@ from jvit import recipes
 
 
 def get_config(arg=None):
-    c = recipes.spvit_384_recipe("spvit_l", batch_size=512, drop_path=0.3, ema=True, grad_accum_steps=4,
-                                 rand_augment="rand-n3-m9-mstd0.5-inc1")
+    c = recipes.spvit_384_recipe(
+        "spvit_l", batch_size=512, drop_path=0.3, ema=True, grad_accum_steps=4, rand_augment="rand-n3-m9-mstd0.5-inc1"
+    )
     return recipes.finish(c, arg)

@@ -1,4 +1,5 @@
-"""SP-ViT-M (C=512, depth 20, SP-SA in blocks 0-9, class token before block 10) on ImageNet-1k at 224px, the original recipe.
+"""SP-ViT-M (C=512, depth 20, SP-SA in blocks 0-9, class token before block 10) on ImageNet-1k at 224px, the
+original recipe.
 
     python -m jvit.main --config configs/spvit_m.py --workdir runs/spvit_m
     python -m jvit.main --config configs/spvit_m.py:mock --workdir /tmp/spvit_m_mock   # no dataset needed

@@ -1,4 +1,5 @@
-"""SP-ViT-S (C=384, depth 16, SP-SA in blocks 0-13, class token before block 14) on ImageNet-1k at 224px, the original recipe.
+"""SP-ViT-S (C=384, depth 16, SP-SA in blocks 0-13, class token before block 14) on ImageNet-1k at 224px, the
+original recipe.
 
     python -m jvit.main --config configs/spvit_s.py --workdir runs/spvit_s
     python -m jvit.main --config configs/spvit_s.py:mock --workdir /tmp/spvit_s_mock   # no dataset needed

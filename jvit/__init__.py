@@ -1,9 +1,9 @@
 """jvit: JAX/Flax ports of SoT/So-ViT, STViT, SP-ViT and HVT that reproduce the original PyTorch models.
 
-    import jvit, jvit.convert
-    model = jvit.create_model("sot_tiny", num_classes=1000, img_size=224)
-    variables = jvit.convert.load_torch_checkpoint("SoT_Tiny.pth", "sot_tiny")
-    logits = model.apply(variables, images_nhwc, train=False)
+import jvit, jvit.convert
+model = jvit.create_model("sot_tiny", num_classes=1000, img_size=224)
+variables = jvit.convert.load_torch_checkpoint("SoT_Tiny.pth", "sot_tiny")
+logits = model.apply(variables, images_nhwc, train=False)
 """
 
 from jvit import models  # noqa: F401  (registers every family)

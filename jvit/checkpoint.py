@@ -73,9 +73,15 @@ def write_run_metadata(
     """
     if classes is not None and len(classes) != num_classes:
         raise ValueError(f"{len(classes)} class names for num_classes={num_classes}")
-    metadata = {"model": model, "num_classes": int(num_classes), "img_size": int(img_size), "source": source,
-                "classes": list(classes) if classes is not None else None,
-                "model_kwargs": dict(model_kwargs or {}), **fields}
+    metadata = {
+        "model": model,
+        "num_classes": int(num_classes),
+        "img_size": int(img_size),
+        "source": source,
+        "classes": list(classes) if classes is not None else None,
+        "model_kwargs": dict(model_kwargs or {}),
+        **fields,
+    }
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(os.path.abspath(os.fspath(workdir)), METADATA_FILE)
     _write_json(path, metadata)
@@ -101,11 +107,18 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     else:
         # A run written before the trainer wrote jvit.json: its resolved config has the same facts.
         config = _read_json(os.path.join(workdir, "config.json"))
-        metadata = {"model": config["model"]["name"], "num_classes": config["model"]["num_classes"],
-                    "img_size": config["model"]["img_size"], "classes": None, "source": "jvit.main",
-                    "model_kwargs": config["model"].get("kwargs", {}), "crop_pct": config["input"].get("crop_pct"),
-                    "interpolation": config["input"].get("eval_interpolation"), "mean": config["input"].get("mean"),
-                    "std": config["input"].get("std")}
+        metadata = {
+            "model": config["model"]["name"],
+            "num_classes": config["model"]["num_classes"],
+            "img_size": config["model"]["img_size"],
+            "classes": None,
+            "source": "jvit.main",
+            "model_kwargs": config["model"].get("kwargs", {}),
+            "crop_pct": config["input"].get("crop_pct"),
+            "interpolation": config["input"].get("eval_interpolation"),
+            "mean": config["input"].get("mean"),
+            "std": config["input"].get("std"),
+        }
     step_dir = directory if kind == "step" else _latest_step_dir(workdir)
     return {**metadata, "workdir": workdir, "step": int(os.path.basename(step_dir))}
 
@@ -125,8 +138,10 @@ def load_variables(path: str | os.PathLike, ema: bool = False) -> tuple[dict[str
     metadata = read_metadata(directory)
     if kind == "converted":
         if ema:
-            raise ValueError(f"{directory} is a converted checkpoint with one set of weights; "
-                             f"the EMA choice was made at conversion (its weights_key)")
+            raise ValueError(
+                f"{directory} is a converted checkpoint with one set of weights; "
+                f"the EMA choice was made at conversion (its weights_key)"
+            )
         variables = ocp.StandardCheckpointer().restore(os.path.join(directory, "variables"))
         return {k: _as_numpy(v) for k, v in variables.items()}, metadata
     step_dir = directory if kind == "step" else _latest_step_dir(workdir)
@@ -145,8 +160,9 @@ def create_model(metadata: dict[str, Any]):
     """The ``flax.linen`` module the metadata describe (variant, classes, input size, overrides),
     in float32 whatever the run trained in."""
     kwargs = {k: v for k, v in (metadata.get("model_kwargs") or {}).items() if k != "dtype"}
-    return registry.create_model(metadata["model"], num_classes=metadata.get("num_classes"),
-                             img_size=metadata.get("img_size"), **kwargs)
+    return registry.create_model(
+        metadata["model"], num_classes=metadata.get("num_classes"), img_size=metadata.get("img_size"), **kwargs
+    )
 
 
 def _restore_train_state(state_dir: str) -> dict[str, Any]:
@@ -170,12 +186,16 @@ def _classify(path: str | os.PathLike) -> tuple[str, str, str | None]:
     if os.path.isdir(os.path.join(directory, "checkpoints")):
         return "run", directory, directory
     parent = os.path.dirname(directory)
-    if (_STEP.fullmatch(os.path.basename(directory)) and os.path.basename(parent) == "checkpoints"
-            and os.path.isdir(os.path.join(directory, "state"))):
+    if (
+        _STEP.fullmatch(os.path.basename(directory))
+        and os.path.basename(parent) == "checkpoints"
+        and os.path.isdir(os.path.join(directory, "state"))
+    ):
         return "step", directory, os.path.dirname(parent)
     raise FileNotFoundError(
         f"{directory} is not a jvit checkpoint: expected a converted directory (variables/ and {METADATA_FILE}), "
-        f"a jvit.main run directory (checkpoints/) or a step directory (checkpoints/<step>/state)")
+        f"a jvit.main run directory (checkpoints/) or a step directory (checkpoints/<step>/state)"
+    )
 
 
 _STEP = re.compile(r"\d+")

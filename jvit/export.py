@@ -57,9 +57,14 @@ def _stablehlo_for_tensorflow():
         _export._module_to_bytecode = original
 
 
-def to_saved_model(model: nn.Module, variables: dict[str, Any], path: str | os.PathLike,
-                   cfg: EvalTransform | PretrainedCfg, batch_size: int = 1,
-                   platforms: Sequence[str] = ("cpu",)) -> str:
+def to_saved_model(
+    model: nn.Module,
+    variables: dict[str, Any],
+    path: str | os.PathLike,
+    cfg: EvalTransform | PretrainedCfg,
+    batch_size: int = 1,
+    platforms: Sequence[str] = ("cpu",),
+) -> str:
     """Write ``model`` with ``variables`` as a SavedModel at ``path`` (must not exist); returns it.
 
     Args:
@@ -87,8 +92,7 @@ def to_saved_model(model: nn.Module, variables: dict[str, Any], path: str | os.P
     # tf.Variables (not constants) keep the weights out of the graph proto (which is limited to 2 GiB).
     module.params = tf.nest.map_structure(lambda a: tf.Variable(a, trainable=False), jax.device_get(variables))
 
-    @tf.function(autograph=False,
-                 input_signature=[tf.TensorSpec([batch_size, size, size, 3], tf.uint8, name="images")])
+    @tf.function(autograph=False, input_signature=[tf.TensorSpec([batch_size, size, size, 3], tf.uint8, name="images")])
     def serve(images):
         logits, probs = converted(module.params, images)
         return {"logits": logits, "probabilities": probs}
@@ -106,8 +110,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jvit export", description=__doc__.split("\n")[0])
     parser.add_argument("--output", required=True, help="SavedModel directory to create")
     parser.add_argument("--model", help="registered variant (not needed for a jvit directory)")
-    parser.add_argument("--weights", help="a .pth, a URL, a converted dir, a jvit.main run dir or its checkpoints/N "
-                                          "(default: the registry's release, downloaded into $JVIT_CACHE)")
+    parser.add_argument(
+        "--weights",
+        help="a .pth, a URL, a converted dir, a jvit.main run dir or its checkpoints/N "
+        "(default: the registry's release, downloaded into $JVIT_CACHE)",
+    )
     parser.add_argument("--ema", action="store_true", help="a run's EMA weights instead of the raw ones")
     parser.add_argument("--img-size", type=int, help="official resolution of the release (default: the first)")
     parser.add_argument("--cache-dir", help="download cache (default $JVIT_CACHE or ~/.cache/jvit)")
@@ -120,8 +127,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {path} (signature serving_default: uint8 images [{args.batch_size}, {p.transform.img_size}, "
-          f"{p.transform.img_size}, 3] -> logits, probabilities)")
+    print(
+        f"wrote {path} (signature serving_default: uint8 images [{args.batch_size}, {p.transform.img_size}, "
+        f"{p.transform.img_size}, 3] -> logits, probabilities)"
+    )
     return 0
 
 

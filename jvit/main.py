@@ -28,11 +28,16 @@ from ml_collections import config_flags
 # jvit itself (and with it JAX, TensorFlow and their start-up log lines) is imported only after the
 # flags parsed: a misspelt flag is one line, printed at once. Nothing here is imported lazily to dodge a cycle.
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (configs/<exp>.py[:arg])",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "experiment config file (configs/<exp>.py[:arg])", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and the resolved config")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
-                          "train (with periodic eval), or eval the workdir's latest checkpoint / config.init_from")
+_MODE = flags.DEFINE_enum(
+    "mode",
+    "train",
+    ["train", "eval"],
+    "train (with periodic eval), or eval the workdir's latest checkpoint / config.init_from",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 _KWARGS_FLAG = re.compile(r"^--config\.model\.kwargs\.([A-Za-z_][A-Za-z0-9_]*)(?:=(.*))?$")
@@ -68,8 +73,11 @@ def _parse_value(text: str, current: Any) -> Any:
         value = float(value)
     if current is not None and not isinstance(current, (int, float, str, tuple, list)):
         return value
-    if current is not None and type(value) is not type(current) and not (
-            isinstance(current, (tuple, list)) and isinstance(value, (tuple, list))):
+    if (
+        current is not None
+        and type(value) is not type(current)
+        and not (isinstance(current, (tuple, list)) and isinstance(value, (tuple, list)))
+    ):
         raise ValueError(f"expected a {type(current).__name__}, got {text!r}")
     return tuple(value) if isinstance(current, tuple) and isinstance(value, list) else value
 
@@ -81,15 +89,20 @@ def apply_model_kwargs(config: Any, overrides: list[tuple[str, str]]) -> None:
     import jvit
 
     module = jvit.create_model(config.model.name)
-    fields = {f.name: getattr(module, f.name) for f in dataclasses.fields(module)
-              if f.init and f.name not in ("parent", "name", "num_classes", "img_size")}
+    fields = {
+        f.name: getattr(module, f.name)
+        for f in dataclasses.fields(module)
+        if f.init and f.name not in ("parent", "name", "num_classes", "img_size")
+    }
     kwargs = config.model.kwargs
     for name, text in overrides:
         if name not in fields:
             close = difflib.get_close_matches(name, fields, n=1)
             hint = f'did you mean "{close[0]}"? ' if close else ""
-            raise ValueError(f"--config.model.kwargs.{name}: {config.model.name} has no constructor argument {name!r}; "
-                             f"{hint}its arguments are {', '.join(sorted(fields))}")
+            raise ValueError(
+                f"--config.model.kwargs.{name}: {config.model.name} has no constructor argument {name!r}; "
+                f"{hint}its arguments are {', '.join(sorted(fields))}"
+            )
         current = kwargs[name] if name in kwargs else fields[name]
         try:
             value = _parse_value(text, current)
@@ -152,8 +165,16 @@ def main(argv: list[str]) -> None:
     from jvit.train.checkpointing import CheckpointWriteError, NoUsableCheckpointError
 
     # Errors that are an operator's to fix: reported as one line, not a traceback.
-    clean = (ConfigError, loop.NonFiniteLossError, CheckpointWriteError, NoUsableCheckpointError, CorruptImageError,
-             UnsafeCheckpointError, CheckpointFormatError, distributed.DistributedInitError)
+    clean = (
+        ConfigError,
+        loop.NonFiniteLossError,
+        CheckpointWriteError,
+        NoUsableCheckpointError,
+        CorruptImageError,
+        UnsafeCheckpointError,
+        CheckpointFormatError,
+        distributed.DistributedInitError,
+    )
     run = loop.train_and_evaluate if _MODE.value == "train" else loop.evaluate_checkpoint
     loop.enable_compilation_cache(_CONFIG.value, _WORKDIR.value)
     try:

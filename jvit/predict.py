@@ -64,7 +64,7 @@ class Predictor:
         k = min(k, len(self.class_names))
         batch_size = max(1, min(batch_size, len(paths)))
         for start in range(0, len(paths), batch_size):
-            chunk = list(paths[start:start + batch_size])
+            chunk = list(paths[start : start + batch_size])
             batch = np.stack([self.transform(p) for p in chunk])
             pad = batch_size - len(chunk)
             if pad:
@@ -99,15 +99,17 @@ def load_predictor(
         if model is not None and model != meta["model"]:
             raise ValueError(f"{path} holds {meta['model']!r} weights, not {model!r}; drop --model or fix it")
         name, module = meta["model"], checkpoint.create_model(meta)
-        transform = eval_transform(name, img_size=module.img_size, **{
-            k: meta.get(k) for k in ("crop_pct", "interpolation", "mean", "std")})
+        transform = eval_transform(
+            name, img_size=module.img_size, **{k: meta.get(k) for k in ("crop_pct", "interpolation", "mean", "std")}
+        )
         classes = meta.get("classes")
     else:
         if model is None:
             raise ValueError("name the model (--model NAME) unless --weights is a jvit directory")
         if ema:
-            raise ValueError("--ema applies to a jvit.main run directory; a released file's EMA choice is the "
-                             "registry's weights_key")
+            raise ValueError(
+                "--ema applies to a jvit.main run directory; a released file's EMA choice is the registry's weights_key"
+            )
         name = model
         module, variables = pretrained.load(model, cache_dir=cache_dir, img_size=img_size, weights=path)
         transform = eval_transform(model, img_size=img_size)
@@ -124,8 +126,12 @@ def expand_images(items: Sequence[str]) -> list[str]:
     paths = []
     for item in items:
         if os.path.isdir(item):
-            found = sorted(os.path.join(root, f) for root, _, files in os.walk(item) for f in files
-                           if f.endswith(IMAGE_EXTENSIONS) or f.lower().endswith(IMAGE_EXTENSIONS))
+            found = sorted(
+                os.path.join(root, f)
+                for root, _, files in os.walk(item)
+                for f in files
+                if f.endswith(IMAGE_EXTENSIONS) or f.lower().endswith(IMAGE_EXTENSIONS)
+            )
         elif any(c in item for c in "*?["):
             found = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
         else:
@@ -141,8 +147,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jvit predict", description=__doc__.split("\n")[0])
     parser.add_argument("images", nargs="+", help="image files, folders (searched recursively) or glob patterns")
     parser.add_argument("--model", help="registered variant (not needed for a jvit directory)")
-    parser.add_argument("--weights", help="a .pth, a URL, a converted dir, a jvit.main run dir or its checkpoints/N "
-                                          "(default: the registry's release, downloaded into $JVIT_CACHE)")
+    parser.add_argument(
+        "--weights",
+        help="a .pth, a URL, a converted dir, a jvit.main run dir or its checkpoints/N "
+        "(default: the registry's release, downloaded into $JVIT_CACHE)",
+    )
     parser.add_argument("--ema", action="store_true", help="a run's EMA weights instead of the raw ones")
     parser.add_argument("--img-size", type=int, help="official resolution of the release (default: the first)")
     parser.add_argument("--topk", type=int, default=5, help="classes per image (default 5)")
@@ -154,8 +163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--topk and --batch-size must be positive")
     try:
         paths = expand_images(args.images)
-        predictor = load_predictor(args.model, args.weights, ema=args.ema, img_size=args.img_size,
-                                   cache_dir=args.cache_dir)
+        predictor = load_predictor(
+            args.model, args.weights, ema=args.ema, img_size=args.img_size, cache_dir=args.cache_dir
+        )
         for path, top in predictor.topk(paths, args.topk, args.batch_size):
             if args.json:
                 print(json.dumps({"image": path, "topk": top}), flush=True)

@@ -67,8 +67,10 @@ def download(url: str, directory: str | os.PathLike, sha256: str | None = None, 
         digest = file_sha256(path)
         if digest != sha256.lower():
             os.remove(path)
-            raise ValueError(f"{url}: sha256 {digest} does not match the expected {sha256}; the file was deleted, "
-                             f"retry the download (or check the registry's hash)")
+            raise ValueError(
+                f"{url}: sha256 {digest} does not match the expected {sha256}; the file was deleted, "
+                f"retry the download (or check the registry's hash)"
+            )
     return path
 
 
@@ -132,8 +134,11 @@ def _fetch(url: str, part: str, progress: bool) -> None:
 
 
 def _show(label: str, done: int, total: int | None, resumed_from: int) -> None:
-    size = f"{done / 2**20:.1f}/{total / 2**20:.1f} MiB ({100 * done / max(total, 1):.0f}%)" if total else \
-        f"{done / 2**20:.1f} MiB"
+    size = (
+        f"{done / 2**20:.1f}/{total / 2**20:.1f} MiB ({100 * done / max(total, 1):.0f}%)"
+        if total
+        else f"{done / 2**20:.1f} MiB"
+    )
     note = f", resumed at {resumed_from / 2**20:.1f} MiB" if resumed_from else ""
     print(f"\rdownloading {label}: {size}{note}", end="", file=sys.stderr, flush=True)
 
@@ -195,8 +200,7 @@ def _convert(path: str, name: str, img_size: int, cache: str | None) -> tuple[nn
     print(f"converting {path} for {name} ...", file=sys.stderr, flush=True)
     variables, report = jvit.convert.convert_checkpoint(path, name, img_size=img_size)
     head = report.num_classes
-    meta = {"model": name, "num_classes": head, "img_size": img_size, "source": path,
-            "weights_key": report.weights_key}
+    meta = {"model": name, "num_classes": head, "img_size": img_size, "source": path, "weights_key": report.weights_key}
     if cache is not None:
         os.makedirs(os.path.dirname(cache), exist_ok=True)
         tmp = tempfile.mkdtemp(dir=os.path.dirname(cache), prefix=".converting-")
@@ -208,5 +212,7 @@ def _convert(path: str, name: str, img_size: int, cache: str | None) -> tuple[nn
 
 def _manual_message(name: str, cfg: registry.PretrainedCfg) -> str:
     where = cfg.manual_download or "the original authors released no weights for this variant"
-    return (f"{name} ({cfg.img_size} px) cannot be downloaded automatically: {where}. Then pass the file: "
-            f"jvit.pretrained.load({name!r}, weights=PATH) or `jvit predict --model {name} --weights PATH`.")
+    return (
+        f"{name} ({cfg.img_size} px) cannot be downloaded automatically: {where}. Then pass the file: "
+        f"jvit.pretrained.load({name!r}, weights=PATH) or `jvit predict --model {name} --weights PATH`."
+    )

@@ -13,12 +13,16 @@ import ml_collections
 from jvit.registry import get_pretrained_cfg
 from jvit.train.config import default_config, finalize
 
-
 # The ImageNet eval suite (``--config configs/<x>.py:suite``): ImageNet-1k validation, ImageNetV2
 # (matched frequency), ReaL labels (Beyer et al., 2020), ImageNet-A and ImageNet-R (200 classes each), all
 # from tfds.
-IMAGENET_SUITE = ("validation", "imagenet_v2:test", "imagenet2012_real:validation", "imagenet_a:test",
-                  "imagenet_r:test")
+IMAGENET_SUITE = (
+    "validation",
+    "imagenet_v2:test",
+    "imagenet2012_real:validation",
+    "imagenet_a:test",
+    "imagenet_r:test",
+)
 
 
 def imagenet(model: str, img_size: int | None = None) -> ml_collections.ConfigDict:
@@ -78,7 +82,9 @@ def timm_recipe(
     return deit_augment(c, mixup=mixup)
 
 
-def deit_augment(c: ml_collections.ConfigDict, *, repeated_aug: int = 0, mixup: bool = True) -> ml_collections.ConfigDict:
+def deit_augment(
+    c: ml_collections.ConfigDict, *, repeated_aug: int = 0, mixup: bool = True
+) -> ml_collections.ConfigDict:
     """The DeiT/timm train augmentation the originals use (timm ``create_transform`` with
     ``--aa rand-m9-mstd0.5-inc1 --reprob 0.25``): RandomResizedCrop (0.08-1, 3/4-4/3, random
     bilinear/bicubic), flip 0.5, RandAugment rand-m9-mstd0.5-inc1 (so no colour jitter),
@@ -99,8 +105,15 @@ def sot_recipe(model: str, *, batch_size: int, lr: float, weight_decay: float) -
     no decay on 1-D params and biases, 5 warmup epochs from 1e-6, cosine to 1e-5 per epoch over 300 epochs
     + 10 cooldown, label smoothing 0.1, drop path 0.1, EMA 0.99996 over the whole state (the reported
     numbers are the EMA model's), seed 42."""
-    return timm_recipe(imagenet(model), batch_size=batch_size, lr=lr, weight_decay=weight_decay, drop_path=0.1,
-                       ema_decay=0.99996, cooldown_epochs=10)
+    return timm_recipe(
+        imagenet(model),
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        drop_path=0.1,
+        ema_decay=0.99996,
+        cooldown_epochs=10,
+    )
 
 
 def hvt_recipe(model: str) -> ml_collections.ConfigDict:
@@ -109,8 +122,16 @@ def hvt_recipe(model: str) -> ml_collections.ConfigDict:
     weight decay 0.025 except 1-D params, biases and every ``pos_embed``, 5 warmup epochs from 1e-6,
     cosine to 1e-5 over 300 epochs (no cooldown), label smoothing 0.1, drop path 0.1, no EMA,
     repeated augmentation x3, seed 0."""
-    c = timm_recipe(imagenet(model), batch_size=1024, lr=5e-4, lr_base_batch_size=512, weight_decay=0.025,
-                    wd_exclude=("bias$", "pos_embed$"), drop_path=0.1, seed=0)
+    c = timm_recipe(
+        imagenet(model),
+        batch_size=1024,
+        lr=5e-4,
+        lr_base_batch_size=512,
+        weight_decay=0.025,
+        wd_exclude=("bias$", "pos_embed$"),
+        drop_path=0.1,
+        seed=0,
+    )
     c.augment.repeated_aug = 3
     return c
 
@@ -121,15 +142,24 @@ def stvit_recipe(model: str, drop_path: float) -> ml_collections.ConfigDict:
     and biases but including the layer scales (4-D in PyTorch), 5 warmup epochs from 1e-6, cosine to
     1e-5 over 300 epochs (the scheduler's cooldown is never run), label smoothing 0.1, EMA 0.99996
     (kept, but the reported numbers are the raw model's), repeated augmentation x3, seed 0."""
-    c = timm_recipe(imagenet(model), batch_size=1024, lr=5e-4, lr_base_batch_size=512, weight_decay=0.05,
-                    drop_path=drop_path, ema_decay=0.99996, seed=0)
+    c = timm_recipe(
+        imagenet(model),
+        batch_size=1024,
+        lr=5e-4,
+        lr_base_batch_size=512,
+        weight_decay=0.05,
+        drop_path=drop_path,
+        ema_decay=0.99996,
+        seed=0,
+    )
     c.optimizer.wd_include = ("gamma_[12]$",)
     c.augment.repeated_aug = 3
     return c
 
 
-def spvit_recipe(model: str, *, batch_size: int, lr: float, drop_path: float,
-                 rand_augment: str = "rand-m9-mstd0.5-inc1") -> ml_collections.ConfigDict:
+def spvit_recipe(
+    model: str, *, batch_size: int, lr: float, drop_path: float, rand_augment: str = "rand-m9-mstd0.5-inc1"
+) -> ml_collections.ConfigDict:
     """SP-ViT's ImageNet recipe (Zhou et al., "SP-ViT: Learning 2D Spatial Priors for Vision
     Transformers", BMVC 2022; LV-ViT's main.py + scripts, spvit.md section 6): AdamW at the variant's
     batch and lr (not rescaled), weight decay 0.05 except 1-D params, biases, ``pos_embed`` and
@@ -140,9 +170,17 @@ def spvit_recipe(model: str, *, batch_size: int, lr: float, drop_path: float,
     The original's token labels are dense score maps of an NFNet-F6 teacher
     (``--config.input.token_label_dir=DIR`` reads them); without them every token gets the image
     label (the original's ``--token-label`` without ``--token-label-data``)."""
-    c = timm_recipe(imagenet(model), batch_size=batch_size, lr=lr, weight_decay=0.05, drop_path=drop_path,
-                    ema_decay=0.99992, cooldown_epochs=10, wd_exclude=("bias$", "pos_embed$", "cls_token$"),
-                    mixup=False)
+    c = timm_recipe(
+        imagenet(model),
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=0.05,
+        drop_path=drop_path,
+        ema_decay=0.99992,
+        cooldown_epochs=10,
+        wd_exclude=("bias$", "pos_embed$", "cls_token$"),
+        mixup=False,
+    )
     c.loss.name = "token_label"
     c.augment.rand_augment = rand_augment
     c.augment.mix_token = True
@@ -164,8 +202,17 @@ def sot_finetune_recipe(model: str, *, drop_path: float) -> ml_collections.Confi
     (what the backbones were trained with), the backbone's own drop-path rate, no EMA (SoT's 0.99996
     averages over ~25k steps, most of this schedule). These numbers are jvit's choice, not a published
     recipe; nothing has been trained with them yet."""
-    c = timm_recipe(imagenet(model), batch_size=1024, lr=1e-4, lr_base_batch_size=1024, weight_decay=0.05,
-                    drop_path=drop_path, epochs=30, warmup_epochs=2, min_lr=1e-6)
+    c = timm_recipe(
+        imagenet(model),
+        batch_size=1024,
+        lr=1e-4,
+        lr_base_batch_size=1024,
+        weight_decay=0.05,
+        drop_path=drop_path,
+        epochs=30,
+        warmup_epochs=2,
+        min_lr=1e-6,
+    )
     c.init_from = get_pretrained_cfg(model).files[0]
     return c
 
@@ -265,8 +312,15 @@ def stvit_384_recipe(model: str, drop_path: float) -> ml_collections.ConfigDict:
     return c
 
 
-def spvit_384_recipe(model: str, *, batch_size: int, drop_path: float, ema: bool = False, grad_accum_steps: int = 1,
-                     rand_augment: str = "rand-m9-mstd0.5-inc1") -> ml_collections.ConfigDict:
+def spvit_384_recipe(
+    model: str,
+    *,
+    batch_size: int,
+    drop_path: float,
+    ema: bool = False,
+    grad_accum_steps: int = 1,
+    rand_augment: str = "rand-m9-mstd0.5-inc1",
+) -> ml_collections.ConfigDict:
     """SP-ViT's 384 px fine-tune (``distributed_fine_tune.sh``; spvit.md section 6): the 224 recipe at
     384 from the 224 weights (``--config.init_from``; ``pos_embed`` resized bicubically, heads kept), lr
     5e-6 with ``min_lr`` 5e-6 (so after the 5 warmup epochs from 1e-6 the lr is constant), weight decay

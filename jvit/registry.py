@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Callable
+from collections.abc import Callable
 
 import flax.linen as nn
 

@@ -56,8 +56,9 @@ def summarize(model: nn.Module, variables: dict[str, Any] | None = None) -> dict
     mutable = [c for c in abstract if c not in ("params", "frozen")]
 
     def train_loss(params, rest, x):
-        out = model.apply({"params": params, **rest}, x, train=True, rngs={"dropout": jax.random.key(0)},
-                          mutable=mutable or False)
+        out = model.apply(
+            {"params": params, **rest}, x, train=True, rngs={"dropout": jax.random.key(0)}, mutable=mutable or False
+        )
         logits = out[0] if mutable else out
         return jnp.sum(logits.astype(jnp.float32))
 
@@ -70,8 +71,9 @@ def summarize(model: nn.Module, variables: dict[str, Any] | None = None) -> dict
     one, two = temp_bytes(1), temp_bytes(2)
     return {
         "img_size": size,
-        "params_per_module": {name: count_params(abstract["params"][name])
-                              for name in sorted(abstract["params"], key=_natural)},
+        "params_per_module": {
+            name: count_params(abstract["params"][name]) for name in sorted(abstract["params"], key=_natural)
+        },
         "params_trainable": count_params(abstract["params"]),
         "params_total": count_params(abstract),
         "flops_per_image": None if flops is None else float(flops),
@@ -92,8 +94,10 @@ def format_summary(name: str, figures: dict[str, Any]) -> str:
     lines.append(f"{'trainable (params)':32s} {figures['params_trainable']:>14,d}")
     lines.append(f"{'total (all collections)':32s} {figures['params_total']:>14,d}")
     if figures["flops_per_image"] is not None:
-        lines.append(f"FLOPs per image: {figures['flops_per_image'] / 1e9:.3f} G (XLA, multiply-add = 2), "
-                     f"{figures['gmacs_per_image']:.3f} GMACs (the papers' 'FLOPs')")
+        lines.append(
+            f"FLOPs per image: {figures['flops_per_image'] / 1e9:.3f} G (XLA, multiply-add = 2), "
+            f"{figures['gmacs_per_image']:.3f} GMACs (the papers' 'FLOPs')"
+        )
     if figures["activation_bytes_per_image"] is not None:
         lines.append(f"train activation memory per image: {figures['activation_bytes_per_image'] / 2**20:.1f} MiB")
     return "\n".join(lines)

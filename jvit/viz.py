@@ -39,9 +39,9 @@ from PIL import Image
 import jvit
 import jvit.checkpoint
 from jvit.data import augment
-from jvit.registry import get_model_entry
 from jvit.models import hvt as hvt_lib
 from jvit.models.stvit import NEIGHBOURS
+from jvit.registry import get_model_entry
 
 # --- the sown names, one lookup per family (adjust here when the models rename them) --------------------
 
@@ -88,8 +88,9 @@ def load(source: str, *, seed: int = 0) -> tuple[Any, dict[str, Any], str]:
     if os.path.isdir(source):
         variables, meta = jvit.checkpoint.load_variables(source)
         name = meta["model"]
-        model = jvit.create_model(name, num_classes=meta.get("num_classes"), img_size=meta.get("img_size"),
-                                  **meta.get("model_kwargs", {}))
+        model = jvit.create_model(
+            name, num_classes=meta.get("num_classes"), img_size=meta.get("img_size"), **meta.get("model_kwargs", {})
+        )
         return model, variables, name
     if source not in jvit.list_models():
         raise ValueError(f"{source!r} is neither a converted checkpoint directory nor a registered model")
@@ -153,10 +154,12 @@ def pooled_positions(grid: int, patch_size: int, pools: list[tuple[int, int]]) -
     stages = [members]
     for kernel, stride in pools:
         n = hvt_lib.pooled_length(len(members), kernel, stride)
-        members = [sorted({p for w in members[j * stride: j * stride + kernel] for p in w}) for j in range(n)]
+        members = [sorted({p for w in members[j * stride : j * stride + kernel] for p in w}) for j in range(n)]
         stages.append(members)
-    centre = lambda ps: ((np.mean([p // grid for p in ps]) + 0.5) * patch_size,  # noqa: E731
-                         (np.mean([p % grid for p in ps]) + 0.5) * patch_size)
+    centre = lambda ps: (
+        (np.mean([p // grid for p in ps]) + 0.5) * patch_size,  # noqa: E731
+        (np.mean([p % grid for p in ps]) + 0.5) * patch_size,
+    )
     return [np.array([centre(ps) for ps in stage], np.float32) for stage in stages]
 
 
@@ -212,8 +215,9 @@ def draw_stvit(model: Any, crop: np.ndarray, inter: dict[str, np.ndarray], out_d
         axes[0].imshow(labels % 20, cmap="tab20", alpha=0.35, extent=extent, interpolation="nearest")
         edges = np.diff(labels, axis=0, prepend=labels[:1]) != 0
         edges |= np.diff(labels, axis=1, prepend=labels[:, :1]) != 0
-        axes[0].imshow(np.ma.masked_where(~edges, edges), cmap="Greys_r", alpha=0.6, extent=extent,
-                       interpolation="nearest")
+        axes[0].imshow(
+            np.ma.masked_where(~edges, edges), cmap="Greys_r", alpha=0.6, extent=extent, interpolation="nearest"
+        )
         axes[0].set_title(f"stage {stage + 1}: {hh}x{ww} super tokens (argmax)")
         axes[1].imshow(crop)
         im = axes[1].imshow(dense[:, centre].reshape(h, w), cmap="magma", alpha=0.7, extent=extent, vmin=0, vmax=1)
@@ -225,8 +229,9 @@ def draw_stvit(model: Any, crop: np.ndarray, inter: dict[str, np.ndarray], out_d
     return paths
 
 
-def draw_spvit(model: Any, crop: np.ndarray, inter: dict[str, np.ndarray], out_dir: str,
-               max_blocks: int = 6) -> list[str]:
+def draw_spvit(
+    model: Any, crop: np.ndarray, inter: dict[str, np.ndarray], out_dir: str, max_blocks: int = 6
+) -> list[str]:
     """The learned spatial prior of the centre query, one row per SP-SA block (up to ``max_blocks``,
     evenly spaced), one column per head."""
     del model, crop
@@ -259,14 +264,22 @@ def draw_hvt(model: Any, crop: np.ndarray, inter: dict[str, np.ndarray], out_dir
     stages = pooled_positions(grid, model.patch_size, hvt_pools(model))
     lengths = sorted({t.shape[1] for t in hvt_stage_tokens(inter)}, reverse=True)
     if lengths != [len(s) for s in stages]:
-        raise RuntimeError(f"the model's token counts {lengths} differ from the pooling schedule's "
-                           f"{[len(s) for s in stages]}")
+        raise RuntimeError(
+            f"the model's token counts {lengths} differ from the pooling schedule's {[len(s) for s in stages]}"
+        )
     fig, axes = plt.subplots(1, len(stages), figsize=(3.2 * len(stages), 3.4), squeeze=False)
     for i, pos in enumerate(stages):
         ax = axes[0, i]
         ax.imshow(crop)
-        ax.scatter(pos[:, 1], pos[:, 0], c=np.arange(len(pos)), cmap="plasma", s=max(4, 400 / math.sqrt(len(pos))),
-                   edgecolors="white", linewidths=0.4)
+        ax.scatter(
+            pos[:, 1],
+            pos[:, 0],
+            c=np.arange(len(pos)),
+            cmap="plasma",
+            s=max(4, 400 / math.sqrt(len(pos))),
+            edgecolors="white",
+            linewidths=0.4,
+        )
         ax.set_title(f"stage {i}: {len(pos)} tokens", fontsize=9)
         ax.axis("off")
     return [_save(fig, out_dir, "hvt_pooled_positions.png")]

@@ -30,8 +30,10 @@ def case_dir(family: str, case: str) -> Path:
     for root in (FIXTURES, SHARED):
         if (root / family / case / "io.npz").is_file():
             return root / family / case
-    pytest.skip(f"parity case {family}/{case} is not in tests/fixtures and {SHARED} is absent "
-                "(CI has ../shared beside the clone)")
+    pytest.skip(
+        f"parity case {family}/{case} is not in tests/fixtures and {SHARED} is absent "
+        "(CI has ../shared beside the clone)"
+    )
 
 
 def load_case(family: str, case: str) -> tuple[dict[str, Any], dict[str, np.ndarray], Path]:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +29,14 @@ def sgd_step(model, x: jax.Array, loss: Callable[[Any, jax.Array], jax.Array] = 
 
     def step(variables, rng):
         def loss_fn(params):
-            out, updates = model.apply({**variables, "params": params}, x, train=True, rngs={"dropout": rng},
-                                       mutable=["batch_stats"], **apply_kwargs)
+            out, updates = model.apply(
+                {**variables, "params": params},
+                x,
+                train=True,
+                rngs={"dropout": rng},
+                mutable=["batch_stats"],
+                **apply_kwargs,
+            )
             return loss(out, labels), updates
 
         (value, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])

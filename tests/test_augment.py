@@ -45,7 +45,8 @@ def test_op_sets_and_spec_parsing_match_timm(timm_aa):
         assert ours.num_layers == theirs.num_layers
         # timm's ops carry their functions, not their names: compare those.
         assert [(op.aug_fn, op.level_fn) for op in theirs.ops] == [
-            (timm_aa.NAME_TO_OP[n], timm_aa.LEVEL_TO_ARG[n]) for n in ours.ops]
+            (timm_aa.NAME_TO_OP[n], timm_aa.LEVEL_TO_ARG[n]) for n in ours.ops
+        ]
         assert {op.magnitude for op in theirs.ops} == {ours.magnitude}
         assert {op.magnitude_std for op in theirs.ops} == {ours.magnitude_std}
     assert augment.RandAugment.from_spec("rand-m9", mean=MEAN, interpolation="bicubic").fill == (124, 116, 104)
@@ -78,9 +79,18 @@ def test_level_to_arguments_match_timm(timm_aa, level, monkeypatch):
 
 def test_every_op_gives_timms_pixels(timm_aa, photo):
     ra = augment.RandAugment.from_spec("rand-m9-mstd0.5-inc1", mean=MEAN, interpolation="bicubic")
-    args_for = {"Rotate": (17.5,), "ShearX": (-0.21,), "ShearY": (0.13,), "TranslateXRel": (0.3,),
-                "TranslateYRel": (-0.2,), "Posterize": (2,), "PosterizeIncreasing": (3,), "Solarize": (100,),
-                "SolarizeIncreasing": (180,), "SolarizeAdd": (66,)}
+    args_for = {
+        "Rotate": (17.5,),
+        "ShearX": (-0.21,),
+        "ShearY": (0.13,),
+        "TranslateXRel": (0.3,),
+        "TranslateYRel": (-0.2,),
+        "Posterize": (2,),
+        "PosterizeIncreasing": (3,),
+        "Solarize": (100,),
+        "SolarizeIncreasing": (180,),
+        "SolarizeAdd": (66,),
+    }
     for name in set(augment.RAND_OPS + augment.RAND_INCREASING_OPS):
         args = args_for.get(name, () if name in ("AutoContrast", "Equalize", "Invert") else (1.37,))
         ours, _ = ra.apply_op(name, photo, args, np.random.default_rng(0))
@@ -149,8 +159,13 @@ def test_score_maps_move_with_the_image():
     score_map = np.zeros((2, 1, size, size), np.float32)
     score_map[0, 0, 2, 4] = 1.0
     ra = augment.RandAugment.from_spec("rand-m9", mean=(0, 0, 0), interpolation="bilinear")
-    for name, args in (("TranslateXRel", (-0.25,)), ("TranslateYRel", (-0.5,)), ("Rotate", (90.0,)),
-                       ("ShearX", (-0.5,)), ("ShearY", (0.5,))):
+    for name, args in (
+        ("TranslateXRel", (-0.25,)),
+        ("TranslateYRel", (-0.5,)),
+        ("Rotate", (90.0,)),
+        ("ShearX", (-0.5,)),
+        ("ShearY", (0.5,)),
+    ):
         out, moved = ra.apply_op(name, image, args, np.random.default_rng(0), score_map)
         cells = np.asarray(out, np.float32).mean(-1).reshape(size, 8, size, 8).mean((1, 3))
         got = np.unravel_index(moved[0, 0].argmax(), (size, size))
@@ -176,7 +191,9 @@ def test_token_label_order_flips_the_map_and_crops_last(photo):
     rng = np.random.default_rng(2)
     rng.random()  # the flip draw
     top, left, h, w = augment.random_resized_crop_box(rng, 64, 96)
-    np.testing.assert_array_equal(image, np.asarray(augment.resized_crop(flipped, (top, left, h, w), 32, Image.BICUBIC)))
+    np.testing.assert_array_equal(
+        image, np.asarray(augment.resized_crop(flipped, (top, left, h, w), 32, Image.BICUBIC))
+    )
     np.testing.assert_allclose(box, [top / 64, left / 96, h / 64, w / 96], rtol=1e-6)
 
 
@@ -196,7 +213,7 @@ def test_eval_transform_resizes_by_crop_pct_then_centre_crops():
     scale = math.floor(224 / 0.875)  # 256: shorter side
     resized = image.resize((int(scale * 300 / 200), scale), Image.BICUBIC)  # (384, 256)
     top, left = int(round((256 - 224) / 2.0)), int(round((384 - 224) / 2.0))
-    np.testing.assert_array_equal(out, np.asarray(resized)[top:top + 224, left:left + 224])
+    np.testing.assert_array_equal(out, np.asarray(resized)[top : top + 224, left : left + 224])
     square = Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8))
     np.testing.assert_array_equal(augment.eval_transform(square, 224, 1.0, "bicubic"), np.asarray(square))
     with pytest.raises(ValueError, match="crop_pct"):

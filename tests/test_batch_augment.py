@@ -79,7 +79,8 @@ def test_mixup_cutmix_matches_timm_on_the_same_draws(config, timm_mixup, monkeyp
     def mix(key):
         """Our result and the draws behind it, for many keys in one compile."""
         return batch_augment.sample_mix_params(key, h, w, **draw_kwargs), batch_augment.mixup_cutmix(
-            key, jnp.asarray(images), targets, **config)
+            key, jnp.asarray(images), targets, **config
+        )
 
     keys = jax.random.split(jax.random.key(0), seeds)
     params, (ours_x, ours_t, ours_lam) = jax.tree.map(np.asarray, mix(keys))
@@ -88,8 +89,7 @@ def test_mixup_cutmix_matches_timm_on_the_same_draws(config, timm_mixup, monkeyp
     for s in range(seeds):
         p = jax.tree.map(lambda v: v[s], params)
         # timm draws: rand() < prob (apply), rand() < switch_prob (cutmix), beta, randint(H), randint(W).
-        monkeypatch.setattr(np.random, "rand", replay(0.0 if p.apply else 0.9999,
-                                                      0.0 if p.use_cutmix else 0.9999))
+        monkeypatch.setattr(np.random, "rand", replay(0.0 if p.apply else 0.9999, 0.0 if p.use_cutmix else 0.9999))
         monkeypatch.setattr(np.random, "beta", replay(float(p.lam)))
         randint = replay(int(p.centre[0]), int(p.centre[1]))
         monkeypatch.setattr(np.random, "randint", randint)
@@ -134,7 +134,8 @@ def erase_with_boxes(key: jax.Array, images: jax.Array, prob: jax.Array):
     """random_erasing and, by its documented key derivation, the rectangles it used (one compile
     shared by the tests below)."""
     boxes = jax.vmap(lambda k: batch_augment.sample_erase_box(jax.random.split(k)[0], *images.shape[1:3], prob))(
-        jax.random.split(key, images.shape[0]))
+        jax.random.split(key, images.shape[0])
+    )
     return batch_augment.random_erasing(key, images, prob), boxes
 
 
@@ -151,13 +152,18 @@ def test_random_erasing_replaces_the_rectangle_timm_would(timm_erasing, monkeypa
         bh, bw, top, left = int(box.height), int(box.width), int(box.top), int(box.left)
         # Uniforms giving exactly this height and width on timm's first attempt.
         randint = replay(top, left)
-        monkeypatch.setattr(timm_erasing, "random", SimpleNamespace(
-            random=lambda: 0.0 if box.erase else 1.0,
-            uniform=replay(bh * bw / (h * w), math.log(bh / bw)),
-            randint=randint))
+        monkeypatch.setattr(
+            timm_erasing,
+            "random",
+            SimpleNamespace(
+                random=lambda: 0.0 if box.erase else 1.0,
+                uniform=replay(bh * bw / (h * w), math.log(bh / bw)),
+                randint=randint,
+            ),
+        )
         img = torch.from_numpy(images[i].transpose(2, 0, 1).copy())
         eraser._erase(img, c, h, w, img.dtype)
-        timm_changed = (img.numpy().transpose(1, 2, 0) != images[i])
+        timm_changed = img.numpy().transpose(1, 2, 0) != images[i]
         ours_changed = ours[i] != images[i]
         np.testing.assert_array_equal(ours_changed, timm_changed)
         if box.erase:
@@ -214,6 +220,7 @@ def test_random_erasing_statistics_match_timm(timm_erasing, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- MixToken
+
 
 @pytest.mark.parametrize("grid", [(6, 10)])  # non-square, so swapped axes show
 def test_mix_token_box(grid, timm_mixup):

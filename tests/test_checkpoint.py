@@ -55,8 +55,9 @@ def test_run_dir_and_step_dir_load_raw_and_ema(run_dir):
 def test_run_metadata_file_wins_and_model_rebuilds(run_dir, tmp_path):
     names = [f"class{i}" for i in range(5)]
     kwargs = json.loads((run_dir / "config.json").read_text())["model"]["kwargs"]
-    path = jvit.checkpoint.write_run_metadata(run_dir, model="hvt_ti_1", num_classes=5, img_size=16, classes=names,
-                                              model_kwargs=kwargs)
+    path = jvit.checkpoint.write_run_metadata(
+        run_dir, model="hvt_ti_1", num_classes=5, img_size=16, classes=names, model_kwargs=kwargs
+    )
     try:
         meta = jvit.checkpoint.read_metadata(run_dir / "checkpoints" / "2")
         assert meta["classes"] == names and meta["step"] == 2 and meta["source"] == "jvit.main"
@@ -97,8 +98,14 @@ def test_predict_on_a_run_dir_uses_the_runs_weights(run_dir, tmp_path, capsys):
     assert predict.main([str(image), "--weights", str(run_dir / "checkpoints" / "4"), "--ema", "--json"]) == 0
     row = json.loads(capsys.readouterr().out)
     variables, meta = jvit.checkpoint.load_variables(run_dir / "checkpoints" / "4", ema=True)
-    x = jvit.data.eval_transform("hvt_ti_1", img_size=16, crop_pct=meta["crop_pct"], mean=meta["mean"],
-                                 std=meta["std"], interpolation=meta["interpolation"])(image)
+    x = jvit.data.eval_transform(
+        "hvt_ti_1",
+        img_size=16,
+        crop_pct=meta["crop_pct"],
+        mean=meta["mean"],
+        std=meta["std"],
+        interpolation=meta["interpolation"],
+    )(image)
     probs = np.asarray(jax.nn.softmax(jvit.checkpoint.create_model(meta).apply(variables, x[None])))[0]
     assert [t["index"] for t in row["topk"]] == np.argsort(-probs).tolist()
     assert row["topk"][0]["label"] == f"class {row['topk'][0]['index']}"

@@ -36,8 +36,9 @@ class _Payload:
 def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path, zipfile):
     marker = tmp_path / "marker"
     path = tmp_path / "evil.pth"
-    torch.save({"model": {"w": torch.zeros(2)}, "extra": _Payload(str(marker))}, path,
-               _use_new_zipfile_serialization=zipfile)
+    torch.save(
+        {"model": {"w": torch.zeros(2)}, "extra": _Payload(str(marker))}, path, _use_new_zipfile_serialization=zipfile
+    )
 
     with pytest.raises(UnsafeCheckpointError, match="Nothing from the file was executed") as err:
         jvit.convert.load_checkpoint_file(path)
@@ -106,7 +107,10 @@ def test_absent_weights_key_lists_the_entries(tmp_path, reduced):
     "edit,message",
     [
         (lambda sd: sd.pop("blocks.1.mlp.fc2.bias"), r"1 missing.*blocks_1/mlp/fc2/bias"),
-        (lambda sd: sd.__setitem__("blocks.9.attn.qkv.weight", torch.zeros(3, 3)), r"1 unexpected.*blocks\.9\.attn\.qkv\.weight"),
+        (
+            lambda sd: sd.__setitem__("blocks.9.attn.qkv.weight", torch.zeros(3, 3)),
+            r"1 unexpected.*blocks\.9\.attn\.qkv\.weight",
+        ),
         (lambda sd: sd.__setitem__("norm.weight", torch.zeros(47)), r"1 shape mismatch.*norm\.weight \(47,\)"),
     ],
     ids=["missing", "unexpected", "shape"],
@@ -131,9 +135,13 @@ def test_wrong_num_classes_is_a_shape_error(tmp_path, reduced):
 
 # (C, depth, mlp hidden, head dims): spec §1.1 / §8.
 SOT_VARIANTS = {
-    "sot_tiny": (240, 12, 600, (6, 14)), "sot_small": (384, 14, 1344, (6, 24)), "sot_base": (528, 24, 1584, (6, 38)),
-    "sovit_7": (256, 7, 512, (48, 24)), "sovit_10": (256, 10, 512, (48, 24)),
-    "sovit_14": (384, 14, 1152, (64, 48)), "sovit_19": (448, 19, 1344, (96, 48)),
+    "sot_tiny": (240, 12, 600, (6, 14)),
+    "sot_small": (384, 14, 1344, (6, 24)),
+    "sot_base": (528, 24, 1584, (6, 38)),
+    "sovit_7": (256, 7, 512, (48, 24)),
+    "sovit_10": (256, 10, 512, (48, 24)),
+    "sovit_14": (384, 14, 1152, (64, 48)),
+    "sovit_19": (448, 19, 1344, (96, 48)),
 }
 
 
@@ -177,13 +185,31 @@ def released_state_dict(name: str, num_classes: int = 1000) -> dict[str, tuple[i
         visual = a * b
     for i in range(depth):
         p = f"blocks.{i}."
-        keys.update({p + "norm1.weight": (c,), p + "norm1.bias": (c,), p + "attn.qkv.weight": (3 * c, c),
-                     p + "attn.proj.weight": (c, c), p + "attn.proj.bias": (c,), p + "norm2.weight": (c,),
-                     p + "norm2.bias": (c,), p + "mlp.fc1.weight": (hidden, c), p + "mlp.fc1.bias": (hidden,),
-                     p + "mlp.fc2.weight": (c, hidden), p + "mlp.fc2.bias": (c,)})
-    keys.update({"classifier.visual_fc.weight": (num_classes, visual), "classifier.visual_fc.bias": (num_classes,),
-                 "classifier.cls_fc.weight": (num_classes, c), "classifier.cls_fc.bias": (num_classes,),
-                 "norm.weight": (c,), "norm.bias": (c,)})
+        keys.update(
+            {
+                p + "norm1.weight": (c,),
+                p + "norm1.bias": (c,),
+                p + "attn.qkv.weight": (3 * c, c),
+                p + "attn.proj.weight": (c, c),
+                p + "attn.proj.bias": (c,),
+                p + "norm2.weight": (c,),
+                p + "norm2.bias": (c,),
+                p + "mlp.fc1.weight": (hidden, c),
+                p + "mlp.fc1.bias": (hidden,),
+                p + "mlp.fc2.weight": (c, hidden),
+                p + "mlp.fc2.bias": (c,),
+            }
+        )
+    keys.update(
+        {
+            "classifier.visual_fc.weight": (num_classes, visual),
+            "classifier.visual_fc.bias": (num_classes,),
+            "classifier.cls_fc.weight": (num_classes, c),
+            "classifier.cls_fc.bias": (num_classes,),
+            "norm.weight": (c,),
+            "norm.bias": (c,),
+        }
+    )
     expected = (68 if name.startswith("sot") else 97) + 11 * depth  # the spec's entry counts
     assert len(keys) == expected, (len(keys), expected)
     return keys
@@ -208,35 +234,71 @@ def test_cli_converts_a_released_file_and_loads_back(tmp_path):
     keys = released_state_dict("sovit_7")
 
     def weights():
-        return {k: torch.zeros(s, dtype=torch.int64) if k.endswith("num_batches_tracked")
-                else torch.from_numpy((rng.standard_normal(s) * 0.05 + (k.endswith("running_var"))).astype(np.float32))
-                for k, s in keys.items()}
+        return {
+            k: torch.zeros(s, dtype=torch.int64)
+            if k.endswith("num_batches_tracked")
+            else torch.from_numpy((rng.standard_normal(s) * 0.05 + (k.endswith("running_var"))).astype(np.float32))
+            for k, s in keys.items()
+        }
 
     sd, ema = weights(), weights()
     trainable = [k for k in sd if not k.endswith(("running_mean", "running_var", "num_batches_tracked", "pos_embed"))]
     release = {
-        "epoch": 309, "arch": "So_vit_7", "version": 2, "state_dict": sd, "state_dict_ema": ema, "metric": 76.8,
-        "optimizer": {"state": {i: {"step": torch.tensor(5.0), "exp_avg": torch.zeros_like(sd[k]),
-                                    "exp_avg_sq": torch.zeros_like(sd[k])} for i, k in enumerate(trainable)},
-                      "param_groups": [{"lr": 1e-5, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.03,
-                                        "amsgrad": False, "params": list(range(len(trainable)))}]},
+        "epoch": 309,
+        "arch": "So_vit_7",
+        "version": 2,
+        "state_dict": sd,
+        "state_dict_ema": ema,
+        "metric": 76.8,
+        "optimizer": {
+            "state": {
+                i: {
+                    "step": torch.tensor(5.0),
+                    "exp_avg": torch.zeros_like(sd[k]),
+                    "exp_avg_sq": torch.zeros_like(sd[k]),
+                }
+                for i, k in enumerate(trainable)
+            },
+            "param_groups": [
+                {
+                    "lr": 1e-5,
+                    "betas": (0.9, 0.999),
+                    "eps": 1e-8,
+                    "weight_decay": 0.03,
+                    "amsgrad": False,
+                    "params": list(range(len(trainable))),
+                }
+            ],
+        },
         "args": argparse.Namespace(model="So_vit_7", lr=1e-3, batch_size=64, model_ema=True, smoothing=0.1),
-        "amp_scaler": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
-                       "_growth_tracker": 17},
+        "amp_scaler": {
+            "scale": 65536.0,
+            "growth_factor": 2.0,
+            "backoff_factor": 0.5,
+            "growth_interval": 2000,
+            "_growth_tracker": 17,
+        },
     }
     path = _save(tmp_path, release, "So-ViT-7.pth.tar")
     out = tmp_path / "converted"
     assert convert_cli([str(path), "--model", "sovit_7", "--output", str(out)]) == 0
     variables, meta = load_variables(out)
     assert meta["model"] == "sovit_7" and meta["num_classes"] == 1000 and meta["weights_key"] == "state_dict_ema"
-    np.testing.assert_array_equal(variables["params"]["classifier"]["cls_fc"]["kernel"],
-                                  ema["classifier.cls_fc.weight"].numpy().T)
+    np.testing.assert_array_equal(
+        variables["params"]["classifier"]["cls_fc"]["kernel"], ema["classifier.cls_fc.weight"].numpy().T
+    )
     np.testing.assert_array_equal(variables["frozen"]["pos_embed"], ema["pos_embed"].numpy())
-    np.testing.assert_array_equal(variables["batch_stats"]["visual_tokens"]["stage_0"]["downsample_bn"]["var"],
-                                  ema["visual_tokens.tokens.stage.0.downsample.1.running_var"].numpy())
+    np.testing.assert_array_equal(
+        variables["batch_stats"]["visual_tokens"]["stage_0"]["downsample_bn"]["var"],
+        ema["visual_tokens.tokens.stage.0.downsample.1.running_var"].numpy(),
+    )
     # The non-EMA weights on request; an existing output directory is refused.
-    assert convert_cli([str(path), "--model", "sovit_7", "--output", str(tmp_path / "plain"),
-                        "--weights-key", "state_dict"]) == 0
+    assert (
+        convert_cli(
+            [str(path), "--model", "sovit_7", "--output", str(tmp_path / "plain"), "--weights-key", "state_dict"]
+        )
+        == 0
+    )
     plain, _ = load_variables(tmp_path / "plain")
     np.testing.assert_array_equal(plain["params"]["norm"]["scale"], sd["norm.weight"].numpy())
     assert convert_cli([str(path), "--model", "sovit_7", "--output", str(out)]) == 2

@@ -18,12 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
+from test_train import load_config
 
 from jvit.data import pipeline, preprocess, sources
 from jvit.errors import ConfigError
 from jvit.train import config as config_lib
 from jvit.train import loop, steps
-from test_train import load_config
 
 
 @pytest.fixture(scope="module")
@@ -258,17 +258,19 @@ def test_eval_batches_pad_the_last_batch_with_masked_rows():
 def test_repeated_augmentation_repeats_each_example_with_different_augmentations(tmp_path, photos):
     root = write_folder(tmp_path, photos, {"train": {"a": 6, "b": 6}})
     data = sources.open_split(folder_input(root), "train", train=True, img_size=16, seed=0).data
-    it = pipeline.train_iterator(data, batch_size=12, preprocess=augment_preprocess(), seed=0, repeated_aug=3,
-                                 num_threads=1)
+    it = pipeline.train_iterator(
+        data, batch_size=12, preprocess=augment_preprocess(), seed=0, repeated_aug=3, num_threads=1
+    )
     epoch = next(it)  # one epoch = 12 positions = 4 examples x 3 copies
     labels = epoch["label"].tolist()
     assert all(labels[3 * j] == labels[3 * j + 1] == labels[3 * j + 2] for j in range(4))
     for j in range(4):
-        copies = epoch["image"][3 * j: 3 * j + 3]
+        copies = epoch["image"][3 * j : 3 * j + 3]
         assert not np.array_equal(copies[0], copies[1]) and not np.array_equal(copies[1], copies[2])
     plain = pipeline.train_iterator(indexed(12), batch_size=12, preprocess=resize_preprocess(), seed=0, num_threads=1)
-    repeated = pipeline.train_iterator(indexed(12), batch_size=12, preprocess=resize_preprocess(), seed=0,
-                                       repeated_aug=3, num_threads=1)
+    repeated = pipeline.train_iterator(
+        indexed(12), batch_size=12, preprocess=resize_preprocess(), seed=0, repeated_aug=3, num_threads=1
+    )
     # The copies are the first examples of the same epoch permutation.
     np.testing.assert_array_equal(next(repeated)["label"], np.repeat(next(plain)["label"][:4], 3))
 
@@ -310,6 +312,7 @@ def test_imagenet_a_scores_the_argmax_over_its_200_classes():
 
 def test_imagenet_r_subset_is_in_the_suite_and_names_its_classes():
     from tensorflow_datasets.datasets.imagenet2012 import imagenet_common
+
     from jvit import recipes
 
     subset = sources.CLASS_SUBSETS["imagenet_r"]
@@ -330,8 +333,13 @@ def test_real_labels_count_a_prediction_in_the_set_and_skip_unlabelled_images():
     label_set[1, 5] = True  # miss
     out = scores(logits, [4, 5, 2], label_set=jnp.asarray(label_set))  # image 2 has no ReaL labels
     assert (out["count"], out["scored"], out["top1"]) == (3, 2, 1)
-    raw = sources.DecodedSource([{"image": np.zeros((4, 4, 3), np.uint8), "original_label": 3, "real_label": [1, 4]}],
-                                name="real", skip_corrupt=False, num_classes=6, label_key="original_label",
-                                label_set_key="real_label")
+    raw = sources.DecodedSource(
+        [{"image": np.zeros((4, 4, 3), np.uint8), "original_label": 3, "real_label": [1, 4]}],
+        name="real",
+        skip_corrupt=False,
+        num_classes=6,
+        label_key="original_label",
+        label_set_key="real_label",
+    )
     example = raw[0]
     assert example["label"] == 3 and example["label_set"].tolist() == [False, True, False, False, True, False]

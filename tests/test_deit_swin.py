@@ -17,8 +17,12 @@ import jvit.convert
 from jvit.models.swin import relative_position_index, shifted_window_mask
 from jvit.utils import abstract_variables, count_params
 
-CASES = [("deit", "deit_reduced"), ("deit", "deit_distilled_reduced"),
-         ("swin", "swin_2stage_shift"), ("swin", "swin_3stage_w4")]
+CASES = [
+    ("deit", "deit_reduced"),
+    ("deit", "deit_distilled_reduced"),
+    ("swin", "swin_2stage_shift"),
+    ("swin", "swin_3stage_w4"),
+]
 
 
 def case_model(family: str, kwargs: dict) -> tuple[str, dict]:
@@ -59,10 +63,23 @@ def test_parity_reduced(family, case):
     assert errors["logits"] < 1e-5 * max(1.0, float(np.abs(io["logits"]).max())), errors
 
 
-FULL = ["deit_tiny", "deit_small", "deit_base", "deit_tiny_distilled", "deit_small_distilled",
-        "deit_base_distilled", "swin_tiny", "swin_small", "swin_base"]
-TIMM_NAME = {n: (n.replace("_distilled", "") + ("_distilled" if "distilled" in n else "") + "_patch16_224")
-             if n.startswith("deit") else f"{n}_patch4_window7_224" for n in FULL}
+FULL = [
+    "deit_tiny",
+    "deit_small",
+    "deit_base",
+    "deit_tiny_distilled",
+    "deit_small_distilled",
+    "deit_base_distilled",
+    "swin_tiny",
+    "swin_small",
+    "swin_base",
+]
+TIMM_NAME = {
+    n: (n.replace("_distilled", "") + ("_distilled" if "distilled" in n else "") + "_patch16_224")
+    if n.startswith("deit")
+    else f"{n}_patch4_window7_224"
+    for n in FULL
+}
 
 
 @pytest.mark.slow
@@ -86,10 +103,17 @@ def test_parity_full_depth(name, tmp_path):
 
 def test_param_counts_match_timm():
     """Parameter counts of timm 0.4.12's models (``sum(p.numel())``, the DeiT / Swin papers' 5M/22M/86M/28M/50M/88M)."""
-    expect = {"deit_tiny": 5_717_416, "deit_small": 22_050_664, "deit_base": 86_567_656,
-              "deit_tiny_distilled": 5_910_800, "deit_small_distilled": 22_436_432,
-              "deit_base_distilled": 87_338_192, "swin_tiny": 28_288_354, "swin_small": 49_606_258,
-              "swin_base": 87_768_224}
+    expect = {
+        "deit_tiny": 5_717_416,
+        "deit_small": 22_050_664,
+        "deit_base": 86_567_656,
+        "deit_tiny_distilled": 5_910_800,
+        "deit_small_distilled": 22_436_432,
+        "deit_base_distilled": 87_338_192,
+        "swin_tiny": 28_288_354,
+        "swin_small": 49_606_258,
+        "swin_base": 87_768_224,
+    }
     for name, n in expect.items():
         assert count_params(abstract_variables(jvit.create_model(name))) == n, name
 
@@ -106,8 +130,9 @@ def test_derived_swin_buffers_equal_the_checkpoints():
     """The index and mask jvit derives equal the buffers timm stored in the case's checkpoint."""
     _, _, ckpt = load_case("swin", "swin_2stage_shift")
     sd = jvit.convert.load_checkpoint_file(ckpt)["model"]
-    np.testing.assert_array_equal(sd["layers.0.blocks.0.attn.relative_position_index"].numpy(),
-                                  relative_position_index(7))
+    np.testing.assert_array_equal(
+        sd["layers.0.blocks.0.attn.relative_position_index"].numpy(), relative_position_index(7)
+    )
     np.testing.assert_array_equal(sd["layers.0.blocks.1.attn_mask"].numpy(), shifted_window_mask(14, 14, 7, 3))
     assert "layers.1.blocks.1.attn_mask" not in sd  # 7x7 map: one window, no shift
 
@@ -142,8 +167,13 @@ def test_distilled_train_mode_returns_both_heads():
 
 # params collection at 1000 classes; SoT README's "+ours" (7.0 / 26.9 / 94.9 / 31.6 / 95.9 M) differ
 # because its models also replaced the token embedding (see jvit/models/deit.py, swin.py).
-SOT_PARAMS = {"deit_tiny_sot": 6_926_686, "deit_small_sot": 25_618_280, "deit_base_sot": 95_582_902,
-              "swin_tiny_sot": 31_197_562, "swin_base_sot": 95_875_206}
+SOT_PARAMS = {
+    "deit_tiny_sot": 6_926_686,
+    "deit_small_sot": 25_618_280,
+    "deit_base_sot": 95_582_902,
+    "swin_tiny_sot": 31_197_562,
+    "swin_base_sot": 95_875_206,
+}
 
 
 @pytest.mark.parametrize("name", sorted(SOT_PARAMS))

@@ -36,8 +36,9 @@ def test_saved_model_reproduces_logits(tmp_path):
 def test_export_cli_on_a_converted_dir(tmp_path, capsys):
     model = jvit.create_model("hvt_ti_1", num_classes=3, img_size=16, **TINY)
     variables = jax.device_get(model.init(jax.random.key(1), np.zeros((1, 16, 16, 3), np.float32)))
-    jvit.checkpoint.save_variables(tmp_path / "conv", variables, {
-        "model": "hvt_ti_1", "num_classes": 3, "img_size": 16, "model_kwargs": TINY})
+    jvit.checkpoint.save_variables(
+        tmp_path / "conv", variables, {"model": "hvt_ti_1", "num_classes": 3, "img_size": 16, "model_kwargs": TINY}
+    )
     args = ["--weights", str(tmp_path / "conv"), "--output", str(tmp_path / "sm")]
     assert export.main([*args, "--batch-size", "2"]) == 0
     serve = tf.saved_model.load(str(tmp_path / "sm")).signatures["serving_default"]

@@ -33,7 +33,7 @@ from jvit.train import workdir as workdir_lib
 
 REPO = Path(__file__).resolve().parents[1]
 
-TINY_CONFIG = textwrap.dedent('''
+TINY_CONFIG = textwrap.dedent("""
     from jvit.train import config as config_lib
 
     def get_config():
@@ -52,7 +52,7 @@ TINY_CONFIG = textwrap.dedent('''
         c.log_every_steps = 1
         c.eval_every_steps = 0
         return config_lib.finalize(c)
-''')
+""")
 
 
 @pytest.fixture
@@ -65,8 +65,15 @@ def tiny(tmp_path) -> Path:
 def jvit_main(config: Path, workdir: Path, *args: str) -> subprocess.CompletedProcess:
     """``python -m jvit.main`` on ``config``; asserts no traceback reached the console."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    out = subprocess.run([sys.executable, "-m", "jvit.main", "--config", str(config), "--workdir", str(workdir), *args],
-                         capture_output=True, text=True, env=env, cwd=REPO, timeout=240, check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "jvit.main", "--config", str(config), "--workdir", str(workdir), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=240,
+        check=False,
+    )
     assert "Traceback" not in out.stdout + out.stderr, out.stderr[-3000:]
     return out
 
@@ -87,14 +94,19 @@ def test_misspelt_override_is_one_line_with_the_suggestion(tiny, tmp_path):
 
 def test_model_kwargs_accept_any_constructor_argument_and_suggest_on_typos(tiny, tmp_path):
     # drop_rate is not set by the config: a plain ml_collections override could not add it.
-    out = jvit_main(tiny, tmp_path / "w", "--config.model.kwargs.drop_rate=0.25", "--config.num_train_steps=2",
-                    "--config.model.kwargs.num_blocks=1")
+    out = jvit_main(
+        tiny,
+        tmp_path / "w",
+        "--config.model.kwargs.drop_rate=0.25",
+        "--config.num_train_steps=2",
+        "--config.model.kwargs.num_blocks=1",
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     model = json.loads((tmp_path / "w" / "config.json").read_text())["model"]["kwargs"]
     assert model["drop_rate"] == 0.25 and model["num_blocks"] == 1
     out = jvit_main(tiny, tmp_path / "w2", "--config.model.kwargs.drop_rat=0.1")
     assert out.returncode == 2
-    assert 'no constructor argument \'drop_rat\'; did you mean "drop_rate"?' in out.stderr
+    assert "no constructor argument 'drop_rat'; did you mean \"drop_rate\"?" in out.stderr
     from jvit.main import apply_model_kwargs
     from tests.test_train import tiny_config
 
@@ -135,8 +147,9 @@ def test_finished_run_restarted_reports_its_metrics_and_a_failed_save_stops_the_
         subprocess.run(["chattr", "-i", str(ckpt)], check=True)
     assert failed.returncode == 1
     errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith(f"error: cannot write checkpoint 4 to {ckpt / '4'}: "
-                                                     "Operation not permitted"), failed.stderr[-2000:]
+    assert len(errors) == 1 and errors[0].startswith(
+        f"error: cannot write checkpoint 4 to {ckpt / '4'}: Operation not permitted"
+    ), failed.stderr[-2000:]
     assert took < 60
     assert sorted(os.listdir(ckpt)) == ["2"]  # the earlier checkpoint is untouched
     np.testing.assert_equal(saved_params(work, 2), before)
@@ -162,9 +175,19 @@ def test_init_from_an_unsafe_or_broken_file_is_one_line(tiny, tmp_path, evil_che
 def test_second_run_on_a_live_workdir_is_refused_and_a_stale_lock_taken_over(tiny, tmp_path, caplog):
     work = tmp_path / "w"
     holder = subprocess.Popen(
-        [sys.executable, "-c", ("import sys, time; from jvit.train import workdir; workdir.acquire(sys.argv[1]); "
-                                "print('held', flush=True); time.sleep(120)"), str(work)],
-        env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time; from jvit.train import workdir; workdir.acquire(sys.argv[1]); "
+                "print('held', flush=True); time.sleep(120)"
+            ),
+            str(work),
+        ],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         out = jvit_main(tiny, work)
@@ -217,7 +240,7 @@ def _bomb(path: Path) -> None:
     _jpeg(path)
     data = bytearray(path.read_bytes())
     sof = data.index(b"\xff\xc0")
-    data[sof + 5:sof + 9] = (30000).to_bytes(2, "big") * 2
+    data[sof + 5 : sof + 9] = (30000).to_bytes(2, "big") * 2
     path.write_bytes(bytes(data))
 
 
@@ -266,8 +289,14 @@ def test_unreadable_file_is_skipped_in_training_and_an_error_in_eval(bad_folder,
 
 def test_bad_eval_file_through_the_command_line_is_one_line(bad_folder, tiny, tmp_path):
     _bomb(bad_folder / "val" / "a" / "0.jpg")
-    out = jvit_main(tiny, tmp_path / "w", f"--config.input.dataset=folder:{bad_folder}",
-                    "--config.input.eval_splits=('val',)", "--config.batch_size=8", "--config.num_train_steps=2")
+    out = jvit_main(
+        tiny,
+        tmp_path / "w",
+        f"--config.input.dataset=folder:{bad_folder}",
+        "--config.input.eval_splits=('val',)",
+        "--config.batch_size=8",
+        "--config.num_train_steps=2",
+    )
     assert out.returncode == 1
     assert "error: cannot decode image" in out.stderr and "a/0.jpg" in out.stderr
     assert "skipping " in out.stderr and "dangling.jpg" in out.stderr
@@ -288,14 +317,17 @@ def evil_checkpoint(tmp_path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("kind, message", [
-    ("empty", "is empty (0 bytes): not a checkpoint"),
-    ("garbage", "is not a PyTorch checkpoint (neither a zip archive nor a pickle"),
-    ("truncated", "is a damaged zip archive (truncated or corrupt"),
-    ("pickle_garbage", "is truncated, corrupt or not a PyTorch checkpoint"),
-    ("evil", "refusing to unpickle"),
-    ("evil_legacy", "refusing to unpickle"),
-])
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("empty", "is empty (0 bytes): not a checkpoint"),
+        ("garbage", "is not a PyTorch checkpoint (neither a zip archive nor a pickle"),
+        ("truncated", "is a damaged zip archive (truncated or corrupt"),
+        ("pickle_garbage", "is truncated, corrupt or not a PyTorch checkpoint"),
+        ("evil", "refusing to unpickle"),
+        ("evil_legacy", "refusing to unpickle"),
+    ],
+)
 def test_converter_tells_broken_files_from_unsafe_pickles(tmp_path, capsys, kind, message):
     path = tmp_path / f"{kind}.pth"
     if kind == "empty":
@@ -335,7 +367,8 @@ def _chaos(tiny: Path, tmp_path: Path, kills: int, steps: int) -> None:
     for target in targets:
         proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         while proc.poll() is None and not any(  # wait until step `target` (or a later one) is being saved
-                int(name.split(".")[0]) >= target for name in _listdir(work / "checkpoints") if name[0].isdigit()):
+            int(name.split(".")[0]) >= target for name in _listdir(work / "checkpoints") if name[0].isdigit()
+        ):
             time.sleep(0.01)
         time.sleep(rng.uniform(0.0, 0.3))
         proc.send_signal(signal.SIGKILL)

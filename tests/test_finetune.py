@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_data import write_folder
 
 import jvit
 import jvit.checkpoint
@@ -18,7 +19,6 @@ import jvit.convert
 from jvit.errors import ConfigError
 from jvit.train import config as config_lib
 from jvit.train import finetune, loop, optim
-from test_data import write_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 # The reduced HVT the original code trained (tests/fixtures/hvt): 32 px, patch 4, 4 blocks, 100 classes.
@@ -44,19 +44,28 @@ def timm_lr(t: float, *, lr: float, warmup: float, total: float, start: float = 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory) -> str:
-    variables = jvit.convert.load_torch_checkpoint(str(HVT_CASE / "checkpoint.pth"), "hvt_ti_1", img_size=32,
-                                                   **HVT_ARCH)
-    return jvit.checkpoint.save_variables(tmp_path_factory.mktemp("ft") / "hvt_reduced", variables,
-                                          {"model": "hvt_ti_1", "num_classes": 100, "img_size": 32})
+    variables = jvit.convert.load_torch_checkpoint(
+        str(HVT_CASE / "checkpoint.pth"), "hvt_ti_1", img_size=32, **HVT_ARCH
+    )
+    return jvit.checkpoint.save_variables(
+        tmp_path_factory.mktemp("ft") / "hvt_reduced",
+        variables,
+        {"model": "hvt_ti_1", "num_classes": 100, "img_size": 32},
+    )
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    from sklearn.datasets import load_sample_images
     from PIL import Image
+    from sklearn.datasets import load_sample_images
+
     photos = [Image.fromarray(p) for p in load_sample_images().images]
-    return write_folder(tmp_path_factory.mktemp("images"), photos,
-                        {"train": {"china": 16, "flower": 16}, "val": {"china": 4, "flower": 4}}, size=40)
+    return write_folder(
+        tmp_path_factory.mktemp("images"),
+        photos,
+        {"train": {"china": 16, "flower": 16}, "val": {"china": 4, "flower": 4}},
+        size=40,
+    )
 
 
 def test_num_train_steps_rescales_warmup_and_cosine():
@@ -71,14 +80,19 @@ def test_num_train_steps_rescales_warmup_and_cosine():
     for t in (0, 5, 19, 20, 21, 100, 199, 200, 250):
         np.testing.assert_allclose(float(schedule(t)), timm_lr(t, lr=1e-3, warmup=20, total=200), rtol=1e-5)
     assert (c.augment.mixup_alpha, c.augment.cutmix_alpha, c.augment.repeated_aug, c.augment.rand_augment) == (
-        0, 0, 0, "")
+        0,
+        0,
+        0,
+        "",
+    )
     with pytest.raises(ValueError, match="unknown fine-tune option"):
         finetune_config("hvt_ti_1,mock,epochs=3")
 
 
 def test_finetune_converted_model_on_a_folder(tmp_path, converted, folder):
-    c = finetune_config(f"hvt_ti_1,folder:{folder},init={converted},img=32,steps=12,batch=16,lr=1e-3,warmup=0.25",
-                        **HVT_ARCH)
+    c = finetune_config(
+        f"hvt_ti_1,folder:{folder},init={converted},img=32,steps=12,batch=16,lr=1e-3,warmup=0.25", **HVT_ARCH
+    )
     c.log_every_steps, c.input.num_threads = 1, 1
     result = loop.train_and_evaluate(c, str(tmp_path / "run"))
     assert result["step"] == 12 and 0 <= result["eval/top1"] <= 1 and math.isfinite(result["train/loss"])
@@ -91,6 +105,7 @@ def test_finetune_converted_model_on_a_folder(tmp_path, converted, folder):
     # The trained model, exported like a converted release, rebuilds and predicts the folder's classes.
     exported = finetune.export(str(tmp_path / "run"), str(tmp_path / "exported"))
     from jvit import viz
+
     model, variables, name = viz.load(exported)
     assert name == "hvt_ti_1" and variables["params"]["head"]["kernel"].shape[-1] == 2
     logits = model.apply(variables, jnp.zeros((1, 32, 32, 3)))
@@ -98,8 +113,15 @@ def test_finetune_converted_model_on_a_folder(tmp_path, converted, folder):
 
 
 def test_layer_decay_and_frozen_backbone_scale_the_updates():
-    model = jvit.create_model("stvit_small", num_classes=4, img_size=64, embed_dim=(8, 16, 16, 16),
-                              depths=(1, 2, 1, 1), num_heads=(1, 1, 1, 1), projection=32)
+    model = jvit.create_model(
+        "stvit_small",
+        num_classes=4,
+        img_size=64,
+        embed_dim=(8, 16, 16, 16),
+        depths=(1, 2, 1, 1),
+        num_heads=(1, 1, 1, 1),
+        projection=32,
+    )
     params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))["params"]
     ids, depth = finetune.layer_ids(params)
     flat = {optim.param_path(p): v for p, v in jax.tree_util.tree_leaves_with_path(ids)}
@@ -135,8 +157,13 @@ def test_layer_decay_and_frozen_backbone_scale_the_updates():
 
 
 def test_384_configs_carry_the_originals_fine_tunes():
-    for name, batch, ema in (("stvit_small_384", 512, 0.99996), ("stvit_large_384", 512, 0.99996),
-                             ("spvit_s_384", 256, 0.0), ("spvit_m_384", 128, 0.0), ("spvit_l_384", 512, 0.99992)):
+    for name, batch, ema in (
+        ("stvit_small_384", 512, 0.99996),
+        ("stvit_large_384", 512, 0.99996),
+        ("spvit_s_384", 256, 0.0),
+        ("spvit_m_384", 128, 0.0),
+        ("spvit_l_384", 512, 0.99992),
+    ):
         c = config_lib.load_config_file(ROOT / "configs" / f"{name}.py")
         config_lib.validate(c)
         assert c.model.img_size == 384 and c.batch_size == batch and c.ema.decay == ema, name
@@ -145,30 +172,51 @@ def test_384_configs_carry_the_originals_fine_tunes():
         schedule = optim.lr_schedule(c, updates_per_epoch=10.0)
         late = float(schedule(10 * 20))  # past any warmup: the lr is constant
         np.testing.assert_allclose([late, float(schedule(10 * 29))], 5e-6, rtol=1e-6)
-    assert float(optim.lr_schedule(config_lib.load_config_file(ROOT / "configs" / "stvit_small_384.py"), 10.0)(0)) == \
-        pytest.approx(5e-6)  # STViT: no warmup
+    assert float(
+        optim.lr_schedule(config_lib.load_config_file(ROOT / "configs" / "stvit_small_384.py"), 10.0)(0)
+    ) == pytest.approx(5e-6)  # STViT: no warmup
     assert config_lib.load_config_file(ROOT / "configs" / "spvit_l_384.py").grad_accum_steps == 4
 
 
 def test_train_in_eval_mode_keeps_batch_stats_and_turns_drop_path_off():
-    from jvit.train import losses, state as state_lib, steps
-    c = finetune_config("stvit_small,mock,batch=8", embed_dim=(8, 16, 16, 16), depths=(1, 1, 1, 1),
-                        num_heads=(1, 1, 1, 1), projection=32, drop_path_rate=0.5,
-                        stoken_size=(1, 1, 1, 1))
+    from jvit.train import losses, steps
+    from jvit.train import state as state_lib
+
+    c = finetune_config(
+        "stvit_small,mock,batch=8",
+        embed_dim=(8, 16, 16, 16),
+        depths=(1, 1, 1, 1),
+        num_heads=(1, 1, 1, 1),
+        projection=32,
+        drop_path_rate=0.5,
+        stoken_size=(1, 1, 1, 1),
+    )
     c.model.img_size = 32
     model = state_lib.build_model(c, 4)
     variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     variables = {k: v for k, v in variables.items() if k != "intermediates"}
-    batch = {"image": jax.random.randint(jax.random.key(1), (8, 32, 32, 3), 0, 255).astype(jnp.uint8),
-             "label": jnp.arange(8) % 4}
+    batch = {
+        "image": jax.random.randint(jax.random.key(1), (8, 32, 32, 3), 0, 255).astype(jnp.uint8),
+        "label": jnp.arange(8) % 4,
+    }
     out = {}
     for eval_mode in (False, True):
         c.model.train_in_eval_mode = eval_mode
         tx, _ = optim.make_optimizer(c, 1.0)
         state = state_lib.new_state(variables, tx, c)
-        run = jax.jit(lambda s, seed: steps.train_step(  # noqa: E731
-            s.replace(step=seed), batch, model=model, tx=tx, config=c,
-            loss=losses.make_loss(c), mean=(0.5,) * 3, std=(0.5,) * 3, num_classes=4))
+        run = jax.jit(
+            lambda s, seed: steps.train_step(  # noqa: E731
+                s.replace(step=seed),
+                batch,
+                model=model,
+                tx=tx,
+                config=c,
+                loss=losses.make_loss(c),
+                mean=(0.5,) * 3,
+                std=(0.5,) * 3,
+                num_classes=4,
+            )
+        )
         (a, ma), (_, mb) = run(state, jnp.int32(0)), run(state, jnp.int32(1))
         out[eval_mode] = (a, float(ma["loss"]), float(mb["loss"]))
     stats0 = jax.tree.leaves(variables["batch_stats"])

@@ -30,8 +30,18 @@ def case_model(meta: dict) -> tuple[str, dict]:
     if meta["official"]:
         return meta["variant"], {}
     args = meta["constructor"]["params_args"]
-    kw = {k: args[k] for k in ("patch_size", "num_heads", "head_dim", "num_blocks", "pool_kernel_size",
-                               "pool_stride", "pool_block_width")}
+    kw = {
+        k: args[k]
+        for k in (
+            "patch_size",
+            "num_heads",
+            "head_dim",
+            "num_blocks",
+            "pool_kernel_size",
+            "pool_stride",
+            "pool_block_width",
+        )
+    }
     patch = meta["constructor"]["post_build_patch"]
     if patch is not None:
         # The HVT-S-0 structure: the original factory cannot express "no pooling", so the case
@@ -83,7 +93,7 @@ def test_layer_norm_eps_is_1e_6():
         out = next_fun(jnp.concatenate([x, jnp.broadcast_to(z, (x.shape[0],) + z.shape[1:])], axis=1))
         eps_seen.append(context.module.epsilon)
         p = context.module.variables["params"]
-        context.module.sow("intermediates", "probe", (out[:, x.shape[1]:], p["scale"], p["bias"]))
+        context.module.sow("intermediates", "probe", (out[:, x.shape[1] :], p["scale"], p["bias"]))
         return out[:, : x.shape[1]]
 
     def run(variables, images):
@@ -125,8 +135,15 @@ RELEASED = {
     "hvt_s_4": (384, {0: 97, 3: 48, 6: 23, 9: 11}),
     "scale_hvt_ti_4": (384, {0: 97, 3: 48, 6: 23, 9: 11}),
 }
-KEY_COUNTS = {"hvt_ti_1": 152, "hvt_s_0": 151, "hvt_s_1": 152, "hvt_s_2": 153, "hvt_s_3": 154, "hvt_s_4": 155,
-              "scale_hvt_ti_4": 155}
+KEY_COUNTS = {
+    "hvt_ti_1": 152,
+    "hvt_s_0": 151,
+    "hvt_s_1": 152,
+    "hvt_s_2": 153,
+    "hvt_s_3": 154,
+    "hvt_s_4": 155,
+    "scale_hvt_ti_4": 155,
+}
 
 
 def test_registry_lists_the_family():
@@ -152,8 +169,9 @@ def test_stage_token_counts(name):
     _, pools = RELEASED[name]
     params = abstract_variables(jvit.create_model(name))["params"]
     assert params["pos_embed"].shape[1] == 196
-    got = {int(k[7:]): v["pos_embed"].shape[1] for k, v in params.items() if k.startswith("blocks_")
-           and "pos_embed" in v}
+    got = {
+        int(k[7:]): v["pos_embed"].shape[1] for k, v in params.items() if k.startswith("blocks_") and "pos_embed" in v
+    }
     assert got == pools
 
 
@@ -162,7 +180,7 @@ def test_max_pool_is_1d_valid_over_the_raster_sequence():
     x = np.random.default_rng(0).standard_normal((2, 14, 5)).astype(np.float32)
     for k, s in ((3, 2), (2, 2), (3, 3), (4, 1)):
         n = pooled_length(14, k, s)
-        expect = np.stack([x[:, i * s:i * s + k].max(axis=1) for i in range(n)], axis=1)
+        expect = np.stack([x[:, i * s : i * s + k].max(axis=1) for i in range(n)], axis=1)
         np.testing.assert_array_equal(np.asarray(max_pool_tokens(jnp.asarray(x), k, s)), expect)
     assert pooled_length(196, 3, 2) == 97 and pooled_length(97, 3, 2) == 48
 
@@ -262,17 +280,27 @@ def released_state_dict(name: str, num_classes: int = 1000, seed: int = 0) -> di
     """The key set and shapes of a released checkpoint, from the spec's naming pattern, random values."""
     c, pools = RELEASED[name]
     rng = np.random.default_rng(seed)
-    shapes: dict[str, tuple[int, ...]] = {"pos_embed": (1, 196, c), "patch_embed.proj.weight": (c, 3, 16, 16),
-                                          "patch_embed.proj.bias": (c,)}
+    shapes: dict[str, tuple[int, ...]] = {
+        "pos_embed": (1, 196, c),
+        "patch_embed.proj.weight": (c, 3, 16, 16),
+        "patch_embed.proj.bias": (c,),
+    }
     for i in range(12):
         if i in pools:
             shapes[f"blocks.{i}.pos_embed"] = (1, pools[i], c)
-        for leaf, shape in (("norm1", (c,)), ("attn.qkv", (3 * c, c)), ("attn.proj", (c, c)), ("norm2", (c,)),
-                            ("mlp.fc1", (4 * c, c)), ("mlp.fc2", (c, 4 * c))):
+        for leaf, shape in (
+            ("norm1", (c,)),
+            ("attn.qkv", (3 * c, c)),
+            ("attn.proj", (c, c)),
+            ("norm2", (c,)),
+            ("mlp.fc1", (4 * c, c)),
+            ("mlp.fc2", (c, 4 * c)),
+        ):
             shapes[f"blocks.{i}.{leaf}.weight"] = shape
             shapes[f"blocks.{i}.{leaf}.bias"] = (shape[0],)
-    shapes.update({"norm.weight": (c,), "norm.bias": (c,), "head.weight": (num_classes, c),
-                   "head.bias": (num_classes,)})
+    shapes.update(
+        {"norm.weight": (c,), "norm.bias": (c,), "head.weight": (num_classes, c), "head.bias": (num_classes,)}
+    )
     return {k: rng.standard_normal(s, dtype=np.float32) for k, s in shapes.items()}
 
 
@@ -284,8 +312,9 @@ def test_official_variants_convert_from_the_released_layout(name):
     assert report.converted == len(sd) and not report.skipped
     p = variables["params"]
     np.testing.assert_array_equal(p["blocks_0"]["attn"]["qkv"]["kernel"], sd["blocks.0.attn.qkv.weight"].T)
-    np.testing.assert_array_equal(p["patch_embed"]["proj"]["kernel"],
-                                  sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(
+        p["patch_embed"]["proj"]["kernel"], sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0)
+    )
     for i in RELEASED[name][1]:
         np.testing.assert_array_equal(p[f"blocks_{i}"]["pos_embed"], sd[f"blocks.{i}.pos_embed"])
     np.testing.assert_array_equal(p["norm"]["scale"], sd["norm.weight"])
@@ -294,14 +323,11 @@ def test_official_variants_convert_from_the_released_layout(name):
 def test_conversion_is_strict_about_the_variant():
     """A checkpoint of another pooling layout does not load, and the error names the keys."""
     with pytest.raises(jvit.convert.ConversionError, match=r"blocks_6/pos_embed[\s\S]*blocks\.4\.pos_embed"):
-        jvit.convert.convert_state_dict(released_state_dict("hvt_s_3"), jvit.create_model("hvt_s_2"),
-                                        hvt_rules.RULES)
+        jvit.convert.convert_state_dict(released_state_dict("hvt_s_3"), jvit.create_model("hvt_s_2"), hvt_rules.RULES)
     with pytest.raises(jvit.convert.ConversionError, match=r"blocks\.0\.pos_embed"):
-        jvit.convert.convert_state_dict(released_state_dict("hvt_s_1"), jvit.create_model("hvt_s_0"),
-                                        hvt_rules.RULES)
+        jvit.convert.convert_state_dict(released_state_dict("hvt_s_1"), jvit.create_model("hvt_s_0"), hvt_rules.RULES)
     with pytest.raises(jvit.convert.ConversionError, match=r"shape mismatch[\s\S]*pos_embed \(1, 196, 192\)"):
-        jvit.convert.convert_state_dict(released_state_dict("hvt_ti_1"), jvit.create_model("hvt_s_1"),
-                                        hvt_rules.RULES)
+        jvit.convert.convert_state_dict(released_state_dict("hvt_ti_1"), jvit.create_model("hvt_s_1"), hvt_rules.RULES)
 
 
 class _Payload:
@@ -320,18 +346,54 @@ def test_released_file_with_training_state_loads_safely(tmp_path):
     sum((p**2).sum() for p in params).backward()
     optimizer.step()
     # timm's CosineLRScheduler.state_dict(): its attributes (300 epochs, warmup 5 from 1e-6).
-    scheduler = {"param_group_field": "lr", "base_values": [1e-3] * len(params), "metric": None, "t_initial": 300,
-                 "t_mul": 1.0, "lr_min": 1e-5, "decay_rate": 1.0, "cycle_limit": 1, "warmup_t": 5,
-                 "warmup_lr_init": 1e-6, "warmup_prefix": False, "t_in_epochs": True, "noise_range_t": None,
-                 "warmup_steps": [(1e-3 - 1e-6) / 5] * len(params)}
-    args = argparse.Namespace(model="hvt_model", batch_size=128, lr=5e-4, weight_decay=0.025, input_size=64,
-                              pool_block_width=2, data_set="IMNET", resume="", distillation_type="none",
-                              mixup=0.8, seed=0, device="cuda")
+    scheduler = {
+        "param_group_field": "lr",
+        "base_values": [1e-3] * len(params),
+        "metric": None,
+        "t_initial": 300,
+        "t_mul": 1.0,
+        "lr_min": 1e-5,
+        "decay_rate": 1.0,
+        "cycle_limit": 1,
+        "warmup_t": 5,
+        "warmup_lr_init": 1e-6,
+        "warmup_prefix": False,
+        "t_in_epochs": True,
+        "noise_range_t": None,
+        "warmup_steps": [(1e-3 - 1e-6) / 5] * len(params),
+    }
+    args = argparse.Namespace(
+        model="hvt_model",
+        batch_size=128,
+        lr=5e-4,
+        weight_decay=0.025,
+        input_size=64,
+        pool_block_width=2,
+        data_set="IMNET",
+        resume="",
+        distillation_type="none",
+        mixup=0.8,
+        seed=0,
+        device="cuda",
+    )
     path = tmp_path / "hvt_released.pth"
-    torch.save({"model": sd, "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler,
-                "epoch": 299, "scaler": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5,
-                                         "growth_interval": 2000, "_growth_tracker": 17},
-                "args": args}, path)
+    torch.save(
+        {
+            "model": sd,
+            "optimizer": optimizer.state_dict(),
+            "lr_scheduler": scheduler,
+            "epoch": 299,
+            "scaler": {
+                "scale": 65536.0,
+                "growth_factor": 2.0,
+                "backoff_factor": 0.5,
+                "growth_interval": 2000,
+                "_growth_tracker": 17,
+            },
+            "args": args,
+        },
+        path,
+    )
     with pytest.raises(pickle.UnpicklingError):
         torch.load(path, map_location="cpu", weights_only=True)
     variables = jvit.convert.load_torch_checkpoint(path, name, img_size=meta["img_size"], **kw)

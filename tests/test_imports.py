@@ -69,8 +69,12 @@ def test_lower_layers_never_import_higher_ones():
         if layer(src) is not None and layer(dst) is not None and layer(dst) > layer(src)
     ]
     assert not upward, "\n".join(upward)
-    to_train = [f"{src} imports {dst}" for src, targets in GRAPH.items() for dst in targets
-                if src.startswith(NEVER_IMPORT_TRAIN) and dst.startswith("jvit.train")]
+    to_train = [
+        f"{src} imports {dst}"
+        for src, targets in GRAPH.items()
+        for dst in targets
+        if src.startswith(NEVER_IMPORT_TRAIN) and dst.startswith("jvit.train")
+    ]
     assert not to_train, "\n".join(to_train)
 
 
@@ -85,7 +89,7 @@ def test_no_import_cycles():
             if nxt == node or nxt not in GRAPH:
                 continue
             if state.get(nxt) == 1:
-                cycles.append(" -> ".join(stack[stack.index(nxt):] + [nxt]))
+                cycles.append(" -> ".join(stack[stack.index(nxt) :] + [nxt]))
             elif nxt not in state:
                 visit(nxt, stack + [nxt])
         state[node] = 2

@@ -21,9 +21,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, BATCH, TRAIN_EXAMPLES, EVAL_EXAMPLES = 24, 64, 1437, 360
-FLAGS = ["--config", str(ROOT / "configs" / "default.py"), f"--config.num_train_steps={STEPS}",
-         "--config.checkpoint.every_steps=8", "--config.checkpoint.use_async=False", "--config.eval_every_steps=0",
-         "--config.input.num_threads=0", "--config.input.prefetch_batches=0", "--config.input.device_prefetch=0"]
+FLAGS = [
+    "--config",
+    str(ROOT / "configs" / "default.py"),
+    f"--config.num_train_steps={STEPS}",
+    "--config.checkpoint.every_steps=8",
+    "--config.checkpoint.use_async=False",
+    "--config.eval_every_steps=0",
+    "--config.input.num_threads=0",
+    "--config.input.prefetch_batches=0",
+    "--config.input.device_prefetch=0",
+]
 TIMEOUT = 600
 
 
@@ -36,10 +44,15 @@ def _free_port() -> int:
 def _env(devices: int, tmp: Path) -> dict[str, str]:
     """The children's environment: ``devices`` CPU devices, this tree first on the path, a compilation cache
     shared by all runs (the relaunch and the 1-process run load what the first runs compiled)."""
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", TF_CPP_MIN_LOG_LEVEL="2",
-                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-                JAX_COMPILATION_CACHE_DIR=str(tmp / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                JVIT_READS_DIR=str(tmp))
+    return dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        JAX_COMPILATION_CACHE_DIR=str(tmp / "jax_cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JVIT_READS_DIR=str(tmp),
+    )
 
 
 def _launch(workdir: Path, tmp: Path, *, processes: int, entry: list[str], tag: str) -> list[subprocess.Popen]:
@@ -47,13 +60,25 @@ def _launch(workdir: Path, tmp: Path, *, processes: int, entry: list[str], tag: 
     port = _free_port()
     procs = []
     for i in range(processes):
-        extra = ([f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-                  f"--config.distributed.num_processes={processes}", f"--config.distributed.process_id={i}"]
-                 if processes > 1 else [])
+        extra = (
+            [
+                f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                f"--config.distributed.num_processes={processes}",
+                f"--config.distributed.process_id={i}",
+            ]
+            if processes > 1
+            else []
+        )
         with open(tmp / f"{tag}.{i}.log", "w") as log:  # the child keeps its own descriptor
-            procs.append(subprocess.Popen([sys.executable, *entry, *FLAGS, f"--workdir={workdir}", *extra],
-                                          env=_env(8 // processes, tmp), stdout=log, stderr=subprocess.STDOUT,
-                                          cwd=ROOT))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, *entry, *FLAGS, f"--workdir={workdir}", *extra],
+                    env=_env(8 // processes, tmp),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=ROOT,
+                )
+            )
     return procs
 
 
@@ -74,8 +99,9 @@ def _params(workdir: Path, step: int = STEPS) -> dict:
     checkpointer = ocp.StandardCheckpointer()
     metadata = checkpointer.metadata(path)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                          getattr(metadata, "item_metadata", metadata))
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), getattr(metadata, "item_metadata", metadata)
+    )
     return checkpointer.restore(path, target)["params"]
 
 
@@ -96,8 +122,9 @@ def runs(tmp_path_factory):
     procs = _launch(tmp / "killed", tmp, processes=2, entry=plain, tag="killed")
     deadline = time.monotonic() + TIMEOUT
     while not (tmp / "killed" / "checkpoints" / "8").is_dir():
-        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
-            (tmp / "killed.0.log").read_text()[-3000:]
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), (tmp / "killed.0.log").read_text()[
+            -3000:
+        ]
         time.sleep(0.1)
     for p in procs:
         p.send_signal(signal.SIGKILL)
@@ -180,8 +207,9 @@ def test_launch_fields_are_checked_and_an_unreachable_coordinator_fails_within_t
     assert any("num_processes" in e for e in distributed.check(dist(coordinator_address="h:1")))
     no_port = dist(coordinator_address="h", num_processes=2, process_id=0)
     assert any("HOST:PORT" in e for e in distributed.check(no_port))
-    assert any("process_id=2" in e for e in distributed.check(dist(coordinator_address="h:1", num_processes=2,
-                                                                   process_id=2)))
+    assert any(
+        "process_id=2" in e for e in distributed.check(dist(coordinator_address="h:1", num_processes=2, process_id=2))
+    )
     with pytest.raises(ConfigError, match="coordinator_address"):
         distributed.initialize(dist(enabled=True, num_processes=2, process_id=1))
     with socket.socket() as s:  # a port nobody listens on: bound, never listening
@@ -189,6 +217,7 @@ def test_launch_fields_are_checked_and_an_unreachable_coordinator_fails_within_t
         address = f"127.0.0.1:{s.getsockname()[1]}"
         t0 = time.monotonic()
         with pytest.raises(distributed.DistributedInitError, match="initialization_timeout=2"):
-            distributed.initialize(dist(coordinator_address=address, num_processes=2, process_id=1,
-                                        initialization_timeout=2))
+            distributed.initialize(
+                dist(coordinator_address=address, num_processes=2, process_id=1, initialization_timeout=2)
+            )
         assert 2 <= time.monotonic() - t0 < 10

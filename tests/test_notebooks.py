@@ -39,6 +39,7 @@ def test_notebook_runs_outside_the_repository(path, tmp_path, monkeypatch):
     copy = shutil.copy(path, tmp_path / path.name)
     nb = nbformat.read(copy, as_version=4)
     start = time.time()
-    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    nbclient.NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
     assert time.time() - start < 240, f"{path.name} took {time.time() - start:.0f} s in CI mode"

@@ -39,16 +39,23 @@ def converted(tmp_path):
     """A converted dir of a tiny 5-class HVT (16 px) with class names, and its (model, variables)."""
     model = jvit.create_model("hvt_ti_1", num_classes=5, img_size=16, **TINY)
     variables = jax.device_get(model.init(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32)))
-    jvit.checkpoint.save_variables(tmp_path / "conv", variables, {
-        "model": "hvt_ti_1", "num_classes": 5, "img_size": 16, "classes": NAMES, "model_kwargs": TINY})
+    jvit.checkpoint.save_variables(
+        tmp_path / "conv",
+        variables,
+        {"model": "hvt_ti_1", "num_classes": 5, "img_size": 16, "classes": NAMES, "model_kwargs": TINY},
+    )
     return tmp_path / "conv", model, variables
 
 
 def test_predict_json_matches_the_model_on_the_eval_transform(converted, tmp_path, capsys):
     directory, model, variables = converted
     paths = _images(tmp_path / "imgs", 3)
-    assert predict.main([str(tmp_path / "imgs"), "--weights", str(directory), "--json", "--topk", "3",
-                         "--batch-size", "2"]) == 0
+    assert (
+        predict.main(
+            [str(tmp_path / "imgs"), "--weights", str(directory), "--json", "--topk", "3", "--batch-size", "2"]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["image"] for r in rows] == [str(p) for p in paths]
     cfg = jvit.get_pretrained_cfg("hvt_ti_1")
@@ -87,8 +94,12 @@ def test_eval_transform_is_the_variants_own():
     out = jvit.data.eval_transform("hvt_s_1")(image)
     assert out.shape == (224, 224, 3) and out.dtype == np.float32
     crop = augment.eval_transform(Image.fromarray(image), 224, 0.875, "bicubic")
-    np.testing.assert_allclose(out, (crop / 255.0 - np.array(jvit.registry.IMAGENET_MEAN))
-                               / np.array(jvit.registry.IMAGENET_STD), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        out,
+        (crop / 255.0 - np.array(jvit.registry.IMAGENET_MEAN)) / np.array(jvit.registry.IMAGENET_STD),
+        rtol=1e-6,
+        atol=1e-6,
+    )
 
 
 def test_imagenet_names_follow_tfds_label_order():
@@ -104,8 +115,13 @@ def test_console_entry_point_runs_as_module(converted, tmp_path):
     directory, _, _ = converted
     image = _images(tmp_path / "i", 1)[0]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    out = subprocess.run([sys.executable, "-m", "jvit.cli", "predict", str(image), "--weights", str(directory),
-                          "--topk", "2"], capture_output=True, text=True, env=env, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "jvit.cli", "predict", str(image), "--weights", str(directory), "--topk", "2"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    ).stdout
     assert out.splitlines()[0] == str(image) and len(out.splitlines()) == 3
 
 

@@ -106,8 +106,12 @@ def test_load_downloads_converts_once_and_caches(serve, tmp_path, monkeypatch):
     pth = case_dir("hvt", "hvt_ti_1") / "checkpoint.pth"
     blob = pth.read_bytes()
     server = serve({"hvt_ti_1.pth": blob})
-    _with_cfg(monkeypatch, "hvt_ti_1", urls=("http://127.0.0.1:9/unreachable.pth", server.url("hvt_ti_1.pth")),
-              sha256=hashlib.sha256(blob).hexdigest())
+    _with_cfg(
+        monkeypatch,
+        "hvt_ti_1",
+        urls=("http://127.0.0.1:9/unreachable.pth", server.url("hvt_ti_1.pth")),
+        sha256=hashlib.sha256(blob).hexdigest(),
+    )
     model, variables = pretrained.load("hvt_ti_1", cache_dir=tmp_path)
     expected = jvit.convert.load_torch_checkpoint(str(pth), "hvt_ti_1")
     flat, ref = traverse_util.flatten_dict(variables), traverse_util.flatten_dict(expected)

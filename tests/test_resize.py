@@ -21,8 +21,9 @@ def torch_bicubic(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return y[0].permute(1, 2, 0).numpy()
 
 
-@pytest.mark.parametrize("src,dst", [((14, 14), (24, 24)), ((24, 24), (14, 14)), ((7, 5), (12, 9)), ((3, 3), (1, 2)),
-                                     ((1, 97), (1, 287))])
+@pytest.mark.parametrize(
+    "src,dst", [((14, 14), (24, 24)), ((24, 24), (14, 14)), ((7, 5), (12, 9)), ((3, 3), (1, 2)), ((1, 97), (1, 287))]
+)
 def test_resize_grid_matches_torch(src, dst):
     grid = np.random.default_rng(0).normal(0, 0.02, src + (16,)).astype(np.float32)
     ours = np.asarray(resize.resize_grid(grid, dst))
@@ -45,19 +46,22 @@ def test_fit_pos_embed_keeps_class_row():
     table = np.random.default_rng(2).normal(0, 0.02, (1, 1 + 16, 4)).astype(np.float32)
     out = resize.fit_pos_embed("params/pos_embed", table, (1, 1 + 36, 4))
     np.testing.assert_array_equal(out[:, :1], table[:, :1])
-    np.testing.assert_allclose(out[0, 1:].reshape(6, 6, 4), torch_bicubic(table[0, 1:].reshape(4, 4, 4), (6, 6)),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        out[0, 1:].reshape(6, 6, 4), torch_bicubic(table[0, 1:].reshape(4, 4, 4), (6, 6)), atol=1e-6
+    )
     assert resize.fit_pos_embed("params/head/kernel", table, (1, 37, 4)) is None
 
 
 def hvt_tiny(img_size):
-    return jvit.create_model("hvt_ti_1", num_classes=10, img_size=img_size, num_blocks=2, num_heads=2, head_dim=8,
-                             pool_block_width=1)
+    return jvit.create_model(
+        "hvt_ti_1", num_classes=10, img_size=img_size, num_blocks=2, num_heads=2, head_dim=8, pool_block_width=1
+    )
 
 
 def test_merge_pretrained_resizes_hvt_global_and_stage_tables():
     import jax
     import jax.numpy as jnp
+
     small, large = hvt_tiny(64), hvt_tiny(96)
     v_small = small.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
     v_large = large.init(jax.random.key(1), jnp.zeros((1, 96, 96, 3)))

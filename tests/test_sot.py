@@ -151,8 +151,10 @@ def test_jit_forward_and_train_step(name):
     assert "pos_embed" not in jax.tree_util.tree_flatten_with_path(grads)[1].__repr__()
     np.testing.assert_array_equal(new["frozen"]["pos_embed"], variables["frozen"]["pos_embed"])
     # BN running stats moved; eval output is finite with them.
-    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(new["batch_stats"]),
-                                                     jax.tree.leaves(variables["batch_stats"])))
+    assert any(
+        not np.allclose(a, b)
+        for a, b in zip(jax.tree.leaves(new["batch_stats"]), jax.tree.leaves(variables["batch_stats"]))
+    )
     assert np.isfinite(jax.jit(model.apply)(new, x)).all()
 
 
@@ -167,7 +169,9 @@ def test_fresh_pos_embed_is_the_sinusoid_table(sovit7):
     table = np.asarray(v["frozen"]["pos_embed"])[0]
     pos, dim = 5, 256
     j = np.arange(dim)
-    expect = np.where(j % 2 == 0, np.sin(pos / 10000 ** (2 * (j // 2) / dim)), np.cos(pos / 10000 ** (2 * (j // 2) / dim)))
+    expect = np.where(
+        j % 2 == 0, np.sin(pos / 10000 ** (2 * (j // 2) / dim)), np.cos(pos / 10000 ** (2 * (j // 2) / dim))
+    )
     np.testing.assert_allclose(table[pos], expect, atol=1e-6)
 
 

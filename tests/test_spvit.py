@@ -24,8 +24,17 @@ from jvit.utils import abstract_variables, count_params
 CASES = ["s_like_spsa", "s_like_spsa_hires", "l_like_order", "vit_naive_cls_first"]
 
 # Fixture arrays that are not outputs of the eval forward (checked elsewhere or inputs).
-NOT_EVAL_OUTPUTS = {"images", "rel_indices", "_spec_prior_check_max_abs_err", "pos_embed_source", "train_cls_logits",
-                    "train_aux_logits", "train_bbox", "train_np_seed", "train_logits"}
+NOT_EVAL_OUTPUTS = {
+    "images",
+    "rel_indices",
+    "_spec_prior_check_max_abs_err",
+    "pos_embed_source",
+    "train_cls_logits",
+    "train_aux_logits",
+    "train_bbox",
+    "train_np_seed",
+    "train_logits",
+}
 
 
 def case_model(meta: dict) -> tuple[str, dict]:
@@ -36,10 +45,18 @@ def case_model(meta: dict) -> tuple[str, dict]:
     """
     k = meta["constructor"]["kwargs"]
     stem = {"4_2": ("conv", 64), "4_2_128": ("conv", 128), "naive": ("patchify", 64)}[k["p_emb"]]
-    kw = dict(embed_dim=k["embed_dim"], depth=k["depth"], num_heads=k["num_heads"], mlp_ratio=k["mlp_ratio"],
-              skip_lam=k["skip_lam"], spsa_blocks=tuple(meta["spsa_block_indices"]),
-              cls_insert_block=meta["cls_inserted_before_block"], use_aux_head=k["return_dense"],
-              stem=stem[0], stem_width=stem[1])
+    kw = dict(
+        embed_dim=k["embed_dim"],
+        depth=k["depth"],
+        num_heads=k["num_heads"],
+        mlp_ratio=k["mlp_ratio"],
+        skip_lam=k["skip_lam"],
+        spsa_blocks=tuple(meta["spsa_block_indices"]),
+        cls_insert_block=meta["cls_inserted_before_block"],
+        use_aux_head=k["return_dense"],
+        stem=stem[0],
+        stem_width=stem[1],
+    )
     return ("spvit_l" if k["p_emb"] == "4_2_128" else "spvit_s"), kw
 
 
@@ -250,8 +267,9 @@ def test_block_type_disagreement_is_named():
     with pytest.raises(ConversionError, match=r"block 1: the checkpoint has SP-SA weights"):
         jvit.convert.load_torch_checkpoint(ckpt, name, img_size=128, **{**kw, "spsa_blocks": (0,)})
     with pytest.raises(ConversionError, match=r"block 2: the checkpoint has plain attention"):
-        jvit.convert.load_torch_checkpoint(ckpt, name, img_size=128, **{**kw, "spsa_blocks": (0, 1, 2),
-                                                                       "cls_insert_block": 3})
+        jvit.convert.load_torch_checkpoint(
+            ckpt, name, img_size=128, **{**kw, "spsa_blocks": (0, 1, 2), "cls_insert_block": 3}
+        )
 
 
 def test_pos_embed_of_another_class_token_placement_is_named():
@@ -290,17 +308,42 @@ def released_state_dict(name: str, img_size: int, classes: int = 1000) -> dict[s
         p = f"blocks.{i}."
         shapes.update({p + "norm1.weight": (c,), p + "norm1.bias": (c,)})
         if i in s["spsa"]:
-            shapes.update({p + "attn.w2": (c, 1), p + "attn.b2": (h,), p + "attn.v.weight": (c, c),
-                           p + "attn.qk.weight": (2 * c, c), p + "attn.w1.weight": (c, 2), p + "attn.w1.bias": (c,)})
+            shapes.update(
+                {
+                    p + "attn.w2": (c, 1),
+                    p + "attn.b2": (h,),
+                    p + "attn.v.weight": (c, c),
+                    p + "attn.qk.weight": (2 * c, c),
+                    p + "attn.w1.weight": (c, 2),
+                    p + "attn.w1.bias": (c,),
+                }
+            )
         else:
             shapes[p + "attn.qkv.weight"] = (3 * c, c)
-        shapes.update({p + "attn.proj.weight": (c, c), p + "attn.proj.bias": (c,),
-                       p + "norm2.weight": (c,), p + "norm2.bias": (c,),
-                       p + "mlp.fc1.weight": (3 * c, c), p + "mlp.fc1.bias": (3 * c,),
-                       p + "mlp.fc2.weight": (c, 3 * c), p + "mlp.fc2.bias": (c,),
-                       p + "pos_block.proj.0.weight": (c, 1, 3, 3), p + "pos_block.proj.0.bias": (c,)})
-    shapes.update({"norm.weight": (c,), "norm.bias": (c,), "head.weight": (classes, c), "head.bias": (classes,),
-                   "aux_head.weight": (classes, c), "aux_head.bias": (classes,)})
+        shapes.update(
+            {
+                p + "attn.proj.weight": (c, c),
+                p + "attn.proj.bias": (c,),
+                p + "norm2.weight": (c,),
+                p + "norm2.bias": (c,),
+                p + "mlp.fc1.weight": (3 * c, c),
+                p + "mlp.fc1.bias": (3 * c,),
+                p + "mlp.fc2.weight": (c, 3 * c),
+                p + "mlp.fc2.bias": (c,),
+                p + "pos_block.proj.0.weight": (c, 1, 3, 3),
+                p + "pos_block.proj.0.bias": (c,),
+            }
+        )
+    shapes.update(
+        {
+            "norm.weight": (c,),
+            "norm.bias": (c,),
+            "head.weight": (classes, c),
+            "head.bias": (classes,),
+            "aux_head.weight": (classes, c),
+            "aux_head.bias": (classes,),
+        }
+    )
     return {k: np.broadcast_to(np.float32(0.5) if v else np.int64(7), v) for k, v in shapes.items()}
 
 
@@ -412,7 +455,9 @@ def test_jit_forward_and_train_step():
     attn = grads["blocks_0"]["attn"]
     assert np.abs(attn["w2"]).sum() > 0 and np.abs(attn["b2"]).sum() > 0
     assert np.abs(grads["pos_embed"]).sum() > 0 and np.abs(grads["cls_token"]).sum() > 0
-    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(new["batch_stats"]),
-                                                     jax.tree.leaves(variables["batch_stats"])))
+    assert any(
+        not np.allclose(a, b)
+        for a, b in zip(jax.tree.leaves(new["batch_stats"]), jax.tree.leaves(variables["batch_stats"]))
+    )
     logits = jax.jit(model.apply)(new, x)
     assert logits.shape == (2, 10) and np.isfinite(logits).all()

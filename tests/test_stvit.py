@@ -24,8 +24,19 @@ from jvit.models.stvit import NEIGHBOURS, SuperTokenAttention, fold_neighbours, 
 from jvit.utils import abstract_variables, count_params
 
 CASES = ["red_small_224", "red_ls_pad", "red_iter_pad"]
-CONSTRUCTOR_KEYS = ("embed_dim", "depths", "num_heads", "n_iter", "stoken_size", "projection", "mlp_ratio",
-                    "qkv_bias", "qk_scale", "layerscale", "init_values")
+CONSTRUCTOR_KEYS = (
+    "embed_dim",
+    "depths",
+    "num_heads",
+    "n_iter",
+    "stoken_size",
+    "projection",
+    "mlp_ratio",
+    "qkv_bias",
+    "qk_scale",
+    "layerscale",
+    "init_values",
+)
 STA_NAMES = ("stokens_init", "affinity", "affinity_colsum", "stokens", "stokens_refined")
 
 
@@ -40,10 +51,10 @@ def fixture_path(key: str) -> tuple[str, ...]:
     if not key.startswith("stage"):
         return {"patch_embed": ("patch_embed_out",)}.get(key, (key,))
     stage, rest = key.split("_", 1)
-    layer = f"layers_{stage[len('stage'):]}"
+    layer = f"layers_{stage[len('stage') :]}"
     if not rest.startswith("block0_"):
         return (layer, rest)  # blocks_out, downsampled
-    name = rest[len("block0_"):]
+    name = rest[len("block0_") :]
     if name in STA_NAMES:
         return (layer, "blocks_0", "attn", name)
     return (layer, "blocks_0", {"pos_embed": "pos_embed_out", "norm1": "norm1_out"}.get(name, name))
@@ -100,8 +111,9 @@ def test_depthwise_conv_and_gelu_match_torch():
     x = np.random.default_rng(0).standard_normal((2, 5, 7, 6)).astype(np.float32)
     conv = torch.nn.Conv2d(6, 6, 3, padding=1, groups=6)
     dw = DepthwiseConv2d(3)
-    variables = {"params": {"kernel": conv.weight.detach().numpy().transpose(2, 3, 1, 0),
-                            "bias": conv.bias.detach().numpy()}}
+    variables = {
+        "params": {"kernel": conv.weight.detach().numpy().transpose(2, 3, 1, 0), "bias": conv.bias.detach().numpy()}
+    }
     assert jax.tree.map(np.shape, variables) == jax.tree.map(np.shape, dw.init(jax.random.key(0), x))
     ref = conv(torch.from_numpy(x.transpose(0, 3, 1, 2))).detach().numpy().transpose(0, 2, 3, 1)
     np.testing.assert_allclose(dw.apply(variables, x), ref, atol=1e-6)
@@ -195,8 +207,19 @@ def test_sta_is_static_slices_and_contractions():
     variables = sta.init(jax.random.key(0), x)
     prims = primitives_of(jax.grad(lambda v, x: sta.apply(v, x).sum(), argnums=(0, 1)), variables, x)
     assert "dot_general" in prims and "pad" in prims
-    forbidden = {"gather", "scatter", "scatter-add", "scatter_add", "while", "scan", "dynamic_slice",
-                 "dynamic_update_slice", "conv_general_dilated", "pure_callback", "cond"}
+    forbidden = {
+        "gather",
+        "scatter",
+        "scatter-add",
+        "scatter_add",
+        "while",
+        "scan",
+        "dynamic_slice",
+        "dynamic_update_slice",
+        "conv_general_dilated",
+        "pure_callback",
+        "cond",
+    }
     assert not prims & forbidden, prims & forbidden
 
 
@@ -209,18 +232,27 @@ def test_sta_is_static_slices_and_contractions():
 # (stem, stage 1 .. stage 4 each with the PatchMerging at its end, head).
 SPEC = {
     "stvit_small": dict(
-        dims=(64, 128, 320, 512), depths=(3, 5, 9, 3), layerscale=(False,) * 4,
-        total=25_498_864, trainable=25_495_624,
+        dims=(64, 128, 320, 512),
+        depths=(3, 5, 9, 3),
+        layerscale=(False,) * 4,
+        total=25_498_864,
+        trainable=25_495_624,
         parts=(65_952, 233_664, 1_392_960, 12_716_736, 9_533_952, 1_552_360),
     ),
     "stvit_base": dict(
-        dims=(96, 192, 384, 512), depths=(4, 6, 14, 6), layerscale=(False, False, True, True),
-        total=51_696_148, trainable=51_691_288,
+        dims=(96, 192, 384, 512),
+        depths=(4, 6, 14, 6),
+        layerscale=(False, False, True, True),
+        total=51_696_148,
+        trainable=51_691_288,
         parts=(147_312, 633_024, 3_391_488, 26_893_056, 19_074_048, 1_552_360),
     ),
     "stvit_large": dict(
-        dims=(96, 192, 448, 640), depths=(4, 7, 19, 8), layerscale=(False, False, True, True),
-        total=94_977_252, trainable=94_971_096,
+        dims=(96, 192, 448, 640),
+        depths=(4, 7, 19, 8),
+        layerscale=(False, False, True, True),
+        total=94_977_252,
+        trainable=94_971_096,
         parts=(147_312, 633_024, 3_956_736, 48_896_192, 39_654_400, 1_683_432),
     ),
 }
@@ -230,8 +262,10 @@ def test_registry_lists_both_resolutions():
     assert set(SPEC) <= set(jvit.list_models())
     for name in SPEC:
         cfgs = jvit.get_model_entry(name).pretrained_cfgs
-        assert [(c.img_size, c.crop_pct, c.interpolation) for c in cfgs] == [(224, 0.875, "bicubic"),
-                                                                           (384, 1.0, "bicubic")]
+        assert [(c.img_size, c.crop_pct, c.interpolation) for c in cfgs] == [
+            (224, 0.875, "bicubic"),
+            (384, 1.0, "bicubic"),
+        ]
         assert all(c.weights_keys[0] == "model" for c in cfgs)
         assert jvit.create_model(name, img_size=384).img_size == 384
 
@@ -242,8 +276,11 @@ def test_param_counts(name):
     params = abstract_variables(jvit.create_model(name))["params"]
     assert count_params(params) == spec["trainable"]
     assert spec["trainable"] + 2 * 81 * sum(spec["depths"]) == spec["total"]
-    parts = (count_params(params["patch_embed"]), *(count_params(params[f"layers_{i}"]) for i in range(4)),
-             count_params([params["proj"], params["norm"], params["head"]]))
+    parts = (
+        count_params(params["patch_embed"]),
+        *(count_params(params[f"layers_{i}"]) for i in range(4)),
+        count_params([params["proj"], params["norm"], params["head"]]),
+    )
     assert parts == spec["parts"]
 
 
@@ -290,8 +327,10 @@ def test_jit_forward_and_train_step_stvit_small():
     assert all(np.isfinite(g).all() for g in flat.values())
     dead = ["/".join(k) for k, g in flat.items() if not np.abs(g).max() > 0]
     assert not dead, dead
-    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(new["batch_stats"]),
-                                                     jax.tree.leaves(variables["batch_stats"])))
+    assert any(
+        not np.allclose(a, b)
+        for a, b in zip(jax.tree.leaves(new["batch_stats"]), jax.tree.leaves(variables["batch_stats"]))
+    )
     assert np.isfinite(jax.jit(model.apply)(new, x)).all()
 
 
@@ -379,8 +418,9 @@ def test_released_layout_converts_at_224_and_384(name):
     sd = released_state_dict(spec["dims"], spec["depths"], spec["layerscale"])
     if name == "stvit_small":
         assert len(sd) == 478
-    torch_params = sum(v.numel() for k, v in sd.items() if not k.endswith(("running_mean", "running_var",
-                                                                          "num_batches_tracked")))
+    torch_params = sum(
+        v.numel() for k, v in sd.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+    )
     assert torch_params == spec["total"]
     state_dict, key = select_state_dict(released_checkpoint(sd, sd), jvit.get_pretrained_cfg(name).weights_keys)
     assert key == "model"
@@ -414,17 +454,24 @@ def test_released_layout_converts_at_224_and_384(name):
         np.testing.assert_array_equal(block["gamma_2"], state_dict["layers.2.blocks.0.gamma_2"].reshape(-1))
     else:
         assert "gamma_1" not in block
-    np.testing.assert_array_equal(v["batch_stats"]["layers_2"]["blocks_0"]["norm2"]["var"],
-                                  state_dict["layers.2.blocks.0.norm2.running_var"])
+    np.testing.assert_array_equal(
+        v["batch_stats"]["layers_2"]["blocks_0"]["norm2"]["var"], state_dict["layers.2.blocks.0.norm2.running_var"]
+    )
 
 
 def small_config_state_dict(seed):
-    return released_state_dict((8, 16, 16, 16), (1, 1, 1, 1), (False, False, True, True), projection=8,
-                                num_classes=5, seed=seed)
+    return released_state_dict(
+        (8, 16, 16, 16), (1, 1, 1, 1), (False, False, True, True), projection=8, num_classes=5, seed=seed
+    )
 
 
-SMALL = dict(embed_dim=(8, 16, 16, 16), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4),
-             layerscale=(False, False, True, True), projection=8)
+SMALL = dict(
+    embed_dim=(8, 16, 16, 16),
+    depths=(1, 1, 1, 1),
+    num_heads=(1, 2, 2, 4),
+    layerscale=(False, False, True, True),
+    projection=8,
+)
 
 
 def test_released_file_reads_model_by_default_and_ema_on_request(tmp_path):
@@ -434,8 +481,9 @@ def test_released_file_reads_model_by_default_and_ema_on_request(tmp_path):
     model_sd, ema_sd = small_config_state_dict(0), small_config_state_dict(1)
     torch.save(released_checkpoint(model_sd, ema_sd), path)
     for key, sd in (("model", model_sd), ("model_ema", ema_sd)):
-        v = jvit.convert.load_torch_checkpoint(path, "stvit_small", weights_key=None if key == "model" else key,
-                                               **SMALL)
+        v = jvit.convert.load_torch_checkpoint(
+            path, "stvit_small", weights_key=None if key == "model" else key, **SMALL
+        )
         np.testing.assert_array_equal(v["params"]["head"]["kernel"], sd["head.weight"].numpy().T)
         assert v["params"]["head"]["kernel"].shape == (8, 5)
 

@@ -15,8 +15,9 @@ from parity import case_dir
 from jvit.train import batch_augment, token_labels
 
 # Jitted once per static configuration: op-by-op dispatch of these functions is far slower.
-dense_targets = jax.jit(token_labels.dense_targets,
-                        static_argnames=("num_classes", "label_size", "smoothing", "transposed_crop"))
+dense_targets = jax.jit(
+    token_labels.dense_targets, static_argnames=("num_classes", "label_size", "smoothing", "transposed_crop")
+)
 roi_align_weights = jax.jit(token_labels._roi_align_weights, static_argnums=(2, 3))
 token_label_loss = jax.jit(token_labels.token_label_loss)
 
@@ -32,9 +33,15 @@ def fixture_targets(golden, **kwargs) -> dict[str, jax.Array]:
     maps = golden["score_maps"]
     labels = maps[:, 2, 0, 0, 5].astype(np.int32)
     np.testing.assert_array_equal(labels, golden["labels"])
-    return dense_targets(jnp.asarray(maps[:, 0:2]), jnp.asarray(maps[:, 2, 0, 0, 0:4]), jnp.asarray(labels),
-                         num_classes=golden["target"].shape[1], label_size=int(golden["label_size"]),
-                         smoothing=float(golden["smoothing"]), **kwargs)
+    return dense_targets(
+        jnp.asarray(maps[:, 0:2]),
+        jnp.asarray(maps[:, 2, 0, 0, 0:4]),
+        jnp.asarray(labels),
+        num_classes=golden["target"].shape[1],
+        label_size=int(golden["label_size"]),
+        smoothing=float(golden["smoothing"]),
+        **kwargs,
+    )
 
 
 def test_dense_targets_match_the_original(golden):
@@ -132,8 +139,12 @@ def naive_roi_align(image: np.ndarray, box: tuple[float, float, float, float], o
         else:
             xh = xl + 1
         ly, lx = y - yl, x - xl
-        return ((1 - ly) * (1 - lx) * image[yl, xl] + (1 - ly) * lx * image[yl, xh]
-                + ly * (1 - lx) * image[yh, xl] + ly * lx * image[yh, xh])
+        return (
+            (1 - ly) * (1 - lx) * image[yl, xl]
+            + (1 - ly) * lx * image[yl, xh]
+            + ly * (1 - lx) * image[yh, xl]
+            + ly * lx * image[yh, xh]
+        )
 
     result = np.zeros((out, out))
     for ph in range(out):
@@ -147,13 +158,16 @@ def naive_roi_align(image: np.ndarray, box: tuple[float, float, float, float], o
     return result
 
 
-@pytest.mark.parametrize("crop", [
-    (0.0, 0.0, 1.0, 1.0),  # whole map: samples reach the last pixel (edge clamp)
-    (0.1, 0.55, 0.3, 0.4),
-    (0.9, 0.02, 0.05, 0.9),  # shorter than one map pixel: roi_len clamps to 1
-    (0.0, 0.3, 0.999, 0.2),
-    (0.6, -0.15, 0.6, 0.5),  # partly outside the map (RandomResizedCrop never does this): zero samples
-])
+@pytest.mark.parametrize(
+    "crop",
+    [
+        (0.0, 0.0, 1.0, 1.0),  # whole map: samples reach the last pixel (edge clamp)
+        (0.1, 0.55, 0.3, 0.4),
+        (0.9, 0.02, 0.05, 0.9),  # shorter than one map pixel: roi_len clamps to 1
+        (0.0, 0.3, 0.999, 0.2),
+        (0.6, -0.15, 0.6, 0.5),  # partly outside the map (RandomResizedCrop never does this): zero samples
+    ],
+)
 @pytest.mark.parametrize("out", [1, 4, 8])
 def test_separable_weights_equal_roi_align(crop, out):
     """The per-axis weight matrices reproduce roi_align's adaptive, averaged bilinear samples,

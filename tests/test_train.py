@@ -26,8 +26,8 @@ import jvit.convert
 import jvit.utils
 from jvit.data import pipeline
 from jvit.errors import ConfigError
+from jvit.train import batch_augment, loop, losses, optim, sharding, steps
 from jvit.train import config as config_lib
-from jvit.train import batch_augment, losses, loop, optim, sharding, steps
 from jvit.train import state as state_lib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,8 +36,11 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(autouse=True, scope="module")
 def compilation_cache(tmp_path_factory):
     """A persistent compilation cache for this module: a rerun (resume) loads what the first run compiled."""
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
+    names = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
     before = {n: getattr(jax.config, n) for n in names}
     jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -59,8 +62,7 @@ def tiny_config(**overrides):
     c = config_lib.default_config()
     c.model.name = "hvt_ti_1"
     c.model.img_size = 16
-    c.model.kwargs.update(patch_size=4, num_heads=2, head_dim=8, num_blocks=2, pool_block_width=1,
-                          drop_path_rate=0.1)
+    c.model.kwargs.update(patch_size=4, num_heads=2, head_dim=8, num_blocks=2, pool_block_width=1, drop_path_rate=0.1)
     c.input.dataset = "mock"
     c.input.mock_train_examples, c.input.mock_eval_examples, c.input.mock_num_classes = 48, 13, 5
     c.input.num_threads = 1
@@ -112,13 +114,19 @@ def test_config_names_unknown_fields_and_bad_values():
     with pytest.raises(ValueError) as e:
         config_lib.validate(c)
     message = str(e.value)
-    for needle in ("'extra_field'", "'optimizer.wd_extra'", "model.name='hvt_tiny'", "batch_size=0",
-                   "optimizer.name='sgd'", "loss.name='hinge'"):
+    for needle in (
+        "'extra_field'",
+        "'optimizer.wd_extra'",
+        "model.name='hvt_tiny'",
+        "batch_size=0",
+        "optimizer.name='sgd'",
+        "loss.name='hinge'",
+    ):
         assert needle in message
 
 
 def test_every_shipped_config_loads_and_names_a_registered_model():
-    names = sorted(p.stem for p in (ROOT / "configs").glob("*.py") )
+    names = sorted(p.stem for p in (ROOT / "configs").glob("*.py"))
     assert {"default", "sot_base", "hvt_s_1"} <= set(names)
     for name in names:
         prefix = "hvt_ti_1," if name == "finetune" else ""  # finetune.py's argument names the model
@@ -149,16 +157,27 @@ def test_recipe_configs_load_validate_and_carry_the_spec_recipe():
     # hvt.md section 6: 1024 images, lr 5e-4 per 512, wd 0.025 without pos_embeds, no EMA, RA x3, seed 0.
     for name in ("hvt_ti_1", "hvt_s_0", "hvt_s_1", "hvt_s_2", "hvt_s_3", "hvt_s_4"):
         h = load_config(name)
-        assert h.model.name == name and (h.batch_size, h.optimizer.lr, h.optimizer.lr_base_batch_size) == (1024, 5e-4, 512)
+        assert h.model.name == name and (h.batch_size, h.optimizer.lr, h.optimizer.lr_base_batch_size) == (
+            1024,
+            5e-4,
+            512,
+        )
         assert h.optimizer.weight_decay == 0.025 and "pos_embed$" in h.optimizer.wd_exclude
         assert h.ema.decay == 0 and h.augment.repeated_aug == 3 and h.seed == 0 and h.cooldown_epochs == 0
     # spvit.md section 6: S/M 1024 at 1.6e-3, L 800 at 6e-4 (not rescaled), wd 0.05 without pos_embed and
     # cls_token, EMA 0.99992, no mixup but MixToken, token-labeling loss.
-    for name, batch, lr, drop_path in (("spvit_s", 1024, 1.6e-3, 0.1), ("spvit_m", 1024, 1.6e-3, 0.2),
-                                       ("spvit_l", 800, 6e-4, 0.3)):
+    for name, batch, lr, drop_path in (
+        ("spvit_s", 1024, 1.6e-3, 0.1),
+        ("spvit_m", 1024, 1.6e-3, 0.2),
+        ("spvit_l", 800, 6e-4, 0.3),
+    ):
         t = load_config(name)
         assert (t.batch_size, t.optimizer.lr, t.optimizer.lr_base_batch_size, t.model.kwargs.drop_path_rate) == (
-            batch, lr, 0, drop_path)
+            batch,
+            lr,
+            0,
+            drop_path,
+        )
         assert {"pos_embed$", "cls_token$"} <= set(t.optimizer.wd_exclude) and t.optimizer.weight_decay == 0.05
         assert t.ema.decay == 0.99992 and t.loss.name == "token_label" and t.cooldown_epochs == 10
         assert t.augment.mixup_alpha == 0 and t.augment.cutmix_alpha == 0 and t.augment.mix_token
@@ -166,7 +185,11 @@ def test_recipe_configs_load_validate_and_carry_the_spec_recipe():
     # stvit.md section 7: 1024 images, lr 5e-4 per 512, wd 0.05, drop path 0.1 / 0.4 / 0.6, EMA, RA x3, seed 0.
     for name, drop_path in (("stvit_small", 0.1), ("stvit_base", 0.4), ("stvit_large", 0.6)):
         t = load_config(name)
-        assert t.model.name == name and (t.batch_size, t.optimizer.lr, t.optimizer.lr_base_batch_size) == (1024, 5e-4, 512)
+        assert t.model.name == name and (t.batch_size, t.optimizer.lr, t.optimizer.lr_base_batch_size) == (
+            1024,
+            5e-4,
+            512,
+        )
         assert t.optimizer.weight_decay == 0.05 and t.model.kwargs.drop_path_rate == drop_path
         assert t.ema.decay == 0.99996 and t.augment.repeated_aug == 3 and t.seed == 0 and t.cooldown_epochs == 0
 
@@ -252,13 +275,13 @@ class _Recorder:
         self.iterator.set_state(state)
 
 
-
 _TRAIN_ITERATOR = pipeline.train_iterator
 
 
 def _record(monkeypatch, log, crash_after=None):
-    monkeypatch.setattr(pipeline, "train_iterator",
-                        lambda *a, **k: _Recorder(_TRAIN_ITERATOR(*a, **k), log, crash_after))
+    monkeypatch.setattr(
+        pipeline, "train_iterator", lambda *a, **k: _Recorder(_TRAIN_ITERATOR(*a, **k), log, crash_after)
+    )
 
 
 def test_killed_run_resumes_bit_identical(tmp_path, monkeypatch):
@@ -300,11 +323,21 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 def test_init_from_converted_checkpoint_reinitialises_a_different_head(tmp_path):
     # A reduced HVT trained by the original code (100 CIFAR classes, 32 px) ...
     case = ROOT / "tests" / "fixtures" / "hvt" / "reduced_cifar32"
-    arch = {"model.img_size": 32, "model.kwargs.num_heads": 3, "model.kwargs.head_dim": 16,
-            "model.kwargs.num_blocks": 4, "model.kwargs.pool_block_width": 4}
+    arch = {
+        "model.img_size": 32,
+        "model.kwargs.num_heads": 3,
+        "model.kwargs.head_dim": 16,
+        "model.kwargs.num_blocks": 4,
+        "model.kwargs.pool_block_width": 4,
+    }
     pth = str(case / "checkpoint.pth")
-    reference = jvit.convert.load_torch_checkpoint(pth, "hvt_ti_1", img_size=32, patch_size=4, **{
-        k.split(".")[-1]: v for k, v in arch.items() if k.startswith("model.kwargs")})
+    reference = jvit.convert.load_torch_checkpoint(
+        pth,
+        "hvt_ti_1",
+        img_size=32,
+        patch_size=4,
+        **{k.split(".")[-1]: v for k, v in arch.items() if k.startswith("model.kwargs")},
+    )
     # ... converted the way tools/convert_torch.py writes it, and read directly as a .pth.
     converted = str(tmp_path / "converted")
     jvit.checkpoint.save_variables(converted, reference, {"model": "hvt_ti_1", "num_classes": 100})
@@ -322,7 +355,9 @@ def test_init_from_converted_checkpoint_reinitialises_a_different_head(tmp_path)
         assert_trees_equal(jax.device_get(state.ema["params"]), params)  # the EMA starts from the weights
 
     # Any other mismatch is an error naming the parameter.
-    narrow = jvit.utils.abstract_variables(state_lib.build_model(tiny_config(**{**arch, "model.kwargs.head_dim": 8}), 5))
+    narrow = jvit.utils.abstract_variables(
+        state_lib.build_model(tiny_config(**{**arch, "model.kwargs.head_dim": 8}), 5)
+    )
     fresh = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), narrow)
     with pytest.raises(ConfigError, match="pos_embed: checkpoint shape"):
         state_lib.merge_pretrained(fresh, reference, 5)
@@ -337,7 +372,7 @@ def test_default_config_end_to_end(tmp_path, capsys):
     config.eval_every_steps = 0
     config.input.data_dir = str(tmp_path / "data")  # the digits are built here on first use
     result = loop.train_and_evaluate(config, str(tmp_path / "run"))
-    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("final:")]
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("final:")]
     assert len(line) == 1 and line[0].startswith("final: step=30 ") and "eval/top1=" in line[0]
     assert result["eval/top1"] > 0.3  # well above chance (0.1) after 30 steps
     workdir = tmp_path / "run"
@@ -359,8 +394,9 @@ def test_sot_base_starts_training_on_mock_data():
     state = loop.initial_state(exp)
     assert jvit.count_params(state.params) == 76_774_966  # sot.md section 1.2: trainable parameters
     train_fn, _ = loop.compiled_steps(exp)
-    iterator = pipeline.train_iterator(exp.train_split.data, batch_size=1, preprocess=exp.train_preprocess,
-                                       seed=config.seed)
+    iterator = pipeline.train_iterator(
+        exp.train_split.data, batch_size=1, preprocess=exp.train_preprocess, seed=config.seed
+    )
     state, metrics = train_fn(state, sharding.global_batch(next(iterator), exp.mesh))
     assert int(state.step) == 1 and math.isfinite(float(metrics["loss"]))
 
@@ -370,15 +406,17 @@ def test_spvit_recipe_trains_with_the_token_label_loss(tmp_path):
     (cls, aux) outputs, eval scores the fused logits, and the loss goes down on a fixed batch."""
     config = load_config("spvit_s", "mock")
     config.model.img_size = 32
-    config.model.kwargs.update(embed_dim=32, depth=2, num_heads=2, stem_width=8, spsa_blocks=(0,),
-                               cls_insert_block=1)
+    config.model.kwargs.update(embed_dim=32, depth=2, num_heads=2, stem_width=8, spsa_blocks=(0,), cls_insert_block=1)
     config.input.update(mock_train_examples=8, mock_eval_examples=8, mock_num_classes=5, num_threads=1)
     config.update(batch_size=8, eval_batch_size=8, num_train_steps=6, eval_every_steps=0, log_every_steps=1)
     config.optimizer.update(lr=3e-3, warmup_epochs=0)
     config.checkpoint.every_steps = 6
     result = loop.train_and_evaluate(config, str(tmp_path / "run"))
-    losses = [r["train/loss"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
-              if "train/loss" in r]
+    losses = [
+        r["train/loss"]
+        for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+        if "train/loss" in r
+    ]
     assert len(losses) == 6 and losses[-1] < losses[0]
     assert 0 <= result["eval/top1"] <= 1 and math.isfinite(result["eval_ema/loss"])
 
@@ -390,9 +428,11 @@ def test_eval_mode_opens_no_train_split(tmp_path, monkeypatch):
     trained = loop.train_and_evaluate(tiny_config(num_train_steps=2), workdir)
     opened = []
     open_split = loop.sources.open_split
-    monkeypatch.setattr(loop.sources, "open_split",
-                        lambda input_config, spec, **kw: opened.append((spec, kw["train"])) or open_split(
-                            input_config, spec, **kw))
+    monkeypatch.setattr(
+        loop.sources,
+        "open_split",
+        lambda input_config, spec, **kw: opened.append((spec, kw["train"])) or open_split(input_config, spec, **kw),
+    )
     evaluated = loop.evaluate_checkpoint(tiny_config(), workdir)
     assert opened == [("test", False)]
     assert evaluated == {k: v for k, v in trained.items() if k != "train/loss"}
@@ -423,8 +463,16 @@ def test_cli_compiles_ahead_of_time_into_the_workdir_cache(tmp_path):
     """``python -m jvit.main`` says when it compiles the train step and how long it took, and keeps the
     compiled program in ``<workdir>/compilation_cache`` so that a restart reads it instead."""
     workdir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "jvit.main", f"--config={ROOT / 'configs' / 'default.py'}", f"--workdir={workdir}",
-           "--config.num_train_steps=2", "--config.eval_every_steps=0", f"--config.input.data_dir={tmp_path / 'data'}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jvit.main",
+        f"--config={ROOT / 'configs' / 'default.py'}",
+        f"--workdir={workdir}",
+        "--config.num_train_steps=2",
+        "--config.eval_every_steps=0",
+        f"--config.input.data_dir={tmp_path / 'data'}",
+    ]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -435,11 +483,20 @@ def test_cli_compiles_ahead_of_time_into_the_workdir_cache(tmp_path):
 
 def _tiny_stvit(depths=(1, 1), batch_norm="per_device"):
     """A 2-stage STViT (BatchNorm in the stem, blocks and head) on 32 px mock data, no drop path."""
-    config = tiny_config(**{"model.name": "stvit_small", "model.img_size": 32, "model.batch_norm": batch_norm,
-                            "ema.decay": 0.0})
-    config.model.kwargs = ml_collections.ConfigDict(dict(
-        embed_dim=(8, 16), depths=depths, num_heads=(1, 1), n_iter=(1, 1), stoken_size=(2, 1),
-        layerscale=(False, False), projection=16))
+    config = tiny_config(
+        **{"model.name": "stvit_small", "model.img_size": 32, "model.batch_norm": batch_norm, "ema.decay": 0.0}
+    )
+    config.model.kwargs = ml_collections.ConfigDict(
+        dict(
+            embed_dim=(8, 16),
+            depths=depths,
+            num_heads=(1, 1),
+            n_iter=(1, 1),
+            stoken_size=(2, 1),
+            layerscale=(False, False),
+            projection=16,
+        )
+    )
     exp = loop.setup(config)
     iterator = pipeline.train_iterator(exp.train_split.data, batch_size=16, preprocess=exp.train_preprocess, seed=0)
     return exp, loop.initial_state(exp), sharding.global_batch(next(iterator), exp.mesh)
@@ -465,11 +522,13 @@ def test_batch_norm_statistics_are_per_device_by_default():
     assert hlo.count(" all-reduce(") == 1
 
     deeper, deeper_state, deeper_batch = _tiny_stvit(depths=(2, 1))
-    assert loop.compiled_steps(deeper)[0].lower(deeper_state, deeper_batch).compile().as_text().count(
-        " all-reduce(") == 1
+    assert (
+        loop.compiled_steps(deeper)[0].lower(deeper_state, deeper_batch).compile().as_text().count(" all-reduce(") == 1
+    )
     synced, synced_state, synced_batch = _tiny_stvit(batch_norm="global")
-    assert loop.compiled_steps(synced)[0].lower(synced_state, synced_batch).compile().as_text().count(
-        " all-reduce(") > 10
+    assert (
+        loop.compiled_steps(synced)[0].lower(synced_state, synced_batch).compile().as_text().count(" all-reduce(") > 10
+    )
 
 
 def test_bfloat16_run_tracks_the_float32_loss_curve(tmp_path):
@@ -483,7 +542,9 @@ def test_bfloat16_run_tracks_the_float32_loss_curve(tmp_path):
         curves[dtype] = np.array([r["train/loss"] for r in rows if "train/loss" in r])
         state = saved_state(workdir, 8)
         assert {x.dtype for x in jax.tree.leaves((state["params"], state["opt_state"]))} <= {
-            np.dtype("float32"), np.dtype("int32")}
+            np.dtype("float32"),
+            np.dtype("int32"),
+        }
     assert len(curves["float32"]) == 8
     np.testing.assert_allclose(curves["bfloat16"], curves["float32"], rtol=0.02)
     assert curves["bfloat16"][-1] < curves["bfloat16"][0]

@@ -24,6 +24,7 @@ def tiny(name, size, **kwargs):
 @pytest.fixture(scope="module")
 def photo():
     from sklearn.datasets import load_sample_images
+
     return Image.fromarray(load_sample_images().images[1])  # the flower
 
 
@@ -35,8 +36,9 @@ def assert_pngs(paths, names):
 
 
 def test_stvit_association_rows_sum_to_one(tmp_path, photo):
-    model, variables = tiny("stvit_small", 128, embed_dim=(8, 16, 16, 16), depths=(1, 2, 1, 1),
-                            num_heads=(1, 1, 1, 1), projection=16)
+    model, variables = tiny(
+        "stvit_small", 128, embed_dim=(8, 16, 16, 16), depths=(1, 2, 1, 1), num_heads=(1, 1, 1, 1), projection=16
+    )
     crop, x = viz.prepare_image(photo, "stvit_small", 128)
     assert crop.shape == (128, 128, 3) and crop.dtype == np.uint8
     _, inter = viz.intermediates(model, variables, x)
@@ -54,13 +56,14 @@ def test_stvit_association_rows_sum_to_one(tmp_path, photo):
         assert hh == 4  # cells whose 3x3 neighbourhood lies inside the grid keep all their mass
         np.testing.assert_allclose(rows[s:-s, s:-s], 1.0, rtol=1e-5)
         assert rows[0, 0] < 1  # a corner pixel loses what it gave the zero super tokens outside the grid
-    assert_pngs(viz.draw_stvit(model, crop, inter, str(tmp_path)),
-                ["stvit_association_stage1.png", "stvit_association_stage2.png"])
+    assert_pngs(
+        viz.draw_stvit(model, crop, inter, str(tmp_path)),
+        ["stvit_association_stage1.png", "stvit_association_stage2.png"],
+    )
 
 
 def test_spvit_prior_maps_have_the_grid_size(tmp_path, photo):
-    model, variables = tiny("spvit_s", 64, depth=3, spsa_blocks=(0, 1), cls_insert_block=2, embed_dim=32,
-                            num_heads=2)
+    model, variables = tiny("spvit_s", 64, depth=3, spsa_blocks=(0, 1), cls_insert_block=2, embed_dim=32, num_heads=2)
     crop, x = viz.prepare_image(photo, "spvit_s", 64)
     _, inter = viz.intermediates(model, variables, x)
     priors = viz.spvit_priors(inter)
@@ -73,8 +76,7 @@ def test_spvit_prior_maps_have_the_grid_size(tmp_path, photo):
 
 
 def test_hvt_pooled_positions_follow_the_raster_pooling(tmp_path, photo):
-    model, variables = tiny("hvt_ti_1", 64, patch_size=8, num_blocks=4, num_heads=2, head_dim=8,
-                            pool_block_width=2)
+    model, variables = tiny("hvt_ti_1", 64, patch_size=8, num_blocks=4, num_heads=2, head_dim=8, pool_block_width=2)
     crop, x = viz.prepare_image(photo, "hvt_ti_1", 64)
     _, inter = viz.intermediates(model, variables, x)
     stages = viz.pooled_positions(8, 8, viz.hvt_pools(model))
@@ -102,8 +104,9 @@ def test_sot_logit_parts_add_up_to_the_logits(tmp_path, photo):
 def test_cli_on_a_converted_directory(tmp_path, photo):
     # A converted directory rebuilds a registered variant from its metadata (here HVT-Ti-1 at 64 px).
     model, variables = tiny("hvt_ti_1", 64)
-    ckpt = jvit.checkpoint.save_variables(tmp_path / "ckpt", jax.device_get(variables),
-                                          {"model": "hvt_ti_1", "num_classes": 7, "img_size": 64})
+    ckpt = jvit.checkpoint.save_variables(
+        tmp_path / "ckpt", jax.device_get(variables), {"model": "hvt_ti_1", "num_classes": 7, "img_size": 64}
+    )
     photo.save(tmp_path / "flower.jpg")
     assert viz.main([ckpt, str(tmp_path / "flower.jpg"), "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "00_flower" / "hvt_pooled_positions.png").is_file()

@@ -26,18 +26,28 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 # Reduced cases (a few hundred KB each): name -> (family, timm constructor kwargs, what it exercises).
 CASES: dict[str, tuple[str, dict[str, Any], str]] = {
-    "deit_reduced": ("deit", dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10),
-                     "class token, learned pos_embed, qkv bias, LayerNorm eps 1e-6"),
-    "deit_distilled_reduced": ("deit", dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
-                                            num_classes=10, distilled=True),
-                               "distillation token; eval logits = mean of head and head_dist"),
-    "swin_2stage_shift": ("swin", dict(img_size=56, patch_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 4),
-                                       window_size=7, num_classes=10),
-                          "14x14 map: 4 windows of 7, shifted block with the attention mask; merging to 7x7 "
-                          "(one window, no shift)"),
-    "swin_3stage_w4": ("swin", dict(img_size=64, patch_size=4, embed_dim=8, depths=(2, 2, 2), num_heads=(1, 2, 4),
-                                    window_size=4, num_classes=10),
-                       "window 4 (shift 2) at 16x16 and 8x8; the last 4x4 stage clamps to one window"),
+    "deit_reduced": (
+        "deit",
+        dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10),
+        "class token, learned pos_embed, qkv bias, LayerNorm eps 1e-6",
+    ),
+    "deit_distilled_reduced": (
+        "deit",
+        dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10, distilled=True),
+        "distillation token; eval logits = mean of head and head_dist",
+    ),
+    "swin_2stage_shift": (
+        "swin",
+        dict(img_size=56, patch_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=7, num_classes=10),
+        "14x14 map: 4 windows of 7, shifted block with the attention mask; merging to 7x7 (one window, no shift)",
+    ),
+    "swin_3stage_w4": (
+        "swin",
+        dict(
+            img_size=64, patch_size=4, embed_dim=8, depths=(2, 2, 2), num_heads=(1, 2, 4), window_size=4, num_classes=10
+        ),
+        "window 4 (shift 2) at 16x16 and 8x8; the last 4x4 stage clamps to one window",
+    ),
 }
 
 
@@ -109,8 +119,9 @@ def run(model, family: str, images: np.ndarray) -> dict[str, np.ndarray]:
     if family == "deit":
         blocks = {f"blocks_{i}": b for i, b in enumerate(model.blocks)}
     else:
-        blocks = {f"layers_{i}/blocks_{j}": b
-                  for i, layer in enumerate(model.layers) for j, b in enumerate(layer.blocks)}
+        blocks = {
+            f"layers_{i}/blocks_{j}": b for i, layer in enumerate(model.layers) for j, b in enumerate(layer.blocks)
+        }
     for name, block in blocks.items():
         hooks.append(block.register_forward_hook(record(f"{name}/out")))
     hooks.append(model.norm.register_forward_hook(record("tokens")))
@@ -139,11 +150,20 @@ def write_case(name: str) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     torch.save({"model": model.state_dict()}, d / "checkpoint.pth")
     np.savez(d / "io.npz", **io)
-    meta = dict(constructor=("timm.models.vision_transformer.VisionTransformer" if family == "deit"
-                             else "timm.models.swin_transformer.SwinTransformer"),
-                kwargs=kwargs, timm_version=sys.modules["timm"].__version__ if "timm" in sys.modules else None,
-                torch_version=torch.__version__, wrapper="{'model': state_dict}", exercises=what,
-                weights="randomised by tests/timm_ref.py:randomise", outputs=sorted(io))
+    meta = dict(
+        constructor=(
+            "timm.models.vision_transformer.VisionTransformer"
+            if family == "deit"
+            else "timm.models.swin_transformer.SwinTransformer"
+        ),
+        kwargs=kwargs,
+        timm_version=sys.modules["timm"].__version__ if "timm" in sys.modules else None,
+        torch_version=torch.__version__,
+        wrapper="{'model': state_dict}",
+        exercises=what,
+        weights="randomised by tests/timm_ref.py:randomise",
+        outputs=sorted(io),
+    )
     (d / "case.json").write_text(json.dumps(meta, indent=1) + "\n")
     return d
 

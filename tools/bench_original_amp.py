@@ -72,8 +72,15 @@ def main(argv=None) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    config = dict(model=args.variant, batch=args.batch, mode="train", amp=args.dtype, device=str(device),
-                  torch=torch.__version__, notes=notes)
+    config = dict(
+        model=args.variant,
+        batch=args.batch,
+        mode="train",
+        amp=args.dtype,
+        device=str(device),
+        torch=torch.__version__,
+        notes=notes,
+    )
     print("config: " + " ".join(f"{k}={v}" for k, v in config.items()), flush=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -86,10 +93,13 @@ def main(argv=None) -> None:
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
     median = statistics.median(times)
-    figures = dict(step_ms_median=round(1e3 * median, 2), step_ms_min=round(1e3 * min(times), 2),
-                   step_ms_max=round(1e3 * max(times), 2), img_per_s=round(args.batch / median, 1),
-                   device_peak_mib=round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda"
-                   else None)
+    figures = dict(
+        step_ms_median=round(1e3 * median, 2),
+        step_ms_min=round(1e3 * min(times), 2),
+        step_ms_max=round(1e3 * max(times), 2),
+        img_per_s=round(args.batch / median, 1),
+        device_peak_mib=round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda" else None,
+    )
     print("result: " + " ".join(f"{k}={v}" for k, v in figures.items()), flush=True)
     if args.json:
         print(json.dumps({**config, **figures}, default=str))

@@ -24,9 +24,9 @@ import numpy as np
 
 import jvit
 from jvit import recipes
+from jvit.summary import summarize
 from jvit.train import loop, sharding
 from jvit.train.config import load_config_file
-from jvit.summary import summarize
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -73,8 +73,12 @@ def train_config(args):
         config = load_config_file(path, "mock")
         recipe = f"configs/{args.model}.py"
     else:
-        config = recipes.finish(recipes.timm_recipe(recipes.imagenet(args.model), batch_size=args.batch, lr=1e-3,
-                                              weight_decay=0.05, drop_path=0.1), "mock")
+        config = recipes.finish(
+            recipes.timm_recipe(
+                recipes.imagenet(args.model), batch_size=args.batch, lr=1e-3, weight_decay=0.05, drop_path=0.1
+            ),
+            "mock",
+        )
         recipe = "jvit/recipes.py timm_recipe (no recipe file for this model)"
     with config.unlocked():
         config.batch_size = args.batch
@@ -94,8 +98,10 @@ def build(args):
         state = loop.initial_state(exp)
         train_fn, _ = loop.compiled_steps(exp)
         rng = np.random.default_rng(0)
-        local = {"image": rng.integers(0, 256, (args.batch, exp.img_size, exp.img_size, 3), dtype=np.uint8),
-                 "label": rng.integers(0, args.num_classes, (args.batch,), dtype=np.int32)}
+        local = {
+            "image": rng.integers(0, 256, (args.batch, exp.img_size, exp.img_size, 3), dtype=np.uint8),
+            "label": rng.integers(0, args.num_classes, (args.batch,), dtype=np.int32),
+        }
         batch = sharding.global_batch(local, exp.mesh)
         desc = dict(recipe=recipe, ema=config.ema.decay, mesh=dict(exp.mesh.shape), img_size=exp.img_size)
         return train_fn, state, batch, jvit.count_params(state.params), desc
@@ -111,17 +117,30 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     device = jax.devices()[0]
     step_fn, state, inputs, params, desc = build(args)
-    config = dict(model=args.model, batch=args.batch, mode="train" if args.train else "inference",
-                  dtype=args.dtype, steps=args.steps, warmup=args.warmup, device=device.device_kind,
-                  platform=device.platform, num_devices=jax.device_count(), jax=jax.__version__, **desc)
+    config = dict(
+        model=args.model,
+        batch=args.batch,
+        mode="train" if args.train else "inference",
+        dtype=args.dtype,
+        steps=args.steps,
+        warmup=args.warmup,
+        device=device.device_kind,
+        platform=device.platform,
+        num_devices=jax.device_count(),
+        jax=jax.__version__,
+        **desc,
+    )
     print("config: " + " ".join(f"{k}={v}" for k, v in config.items()), flush=True)
 
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, inputs).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
-    xla_bytes = None if mem is None else (mem.argument_size_in_bytes + mem.output_size_in_bytes
-                                          + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+    xla_bytes = (
+        None
+        if mem is None
+        else (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+    )
 
     times = []
     for i in range(args.warmup + args.steps):
@@ -147,9 +166,11 @@ def main(argv=None) -> None:
     # Model figures from XLA's analyses (jvit.summary); GFLOP/s counts the eval forward's FLOPs per image.
     model_figures = summarize(jvit.create_model(args.model, num_classes=args.num_classes, img_size=desc["img_size"]))
     flops, act = model_figures["flops_per_image"], model_figures["activation_bytes_per_image"]
-    figures.update(gflops_per_image=flops and round(flops / 1e9, 3),
-                   fwd_gflop_per_s=flops and round(flops / 1e9 * args.batch / median, 1),
-                   train_activation_mib_per_image=act and round(act / 2**20, 1))
+    figures.update(
+        gflops_per_image=flops and round(flops / 1e9, 3),
+        fwd_gflop_per_s=flops and round(flops / 1e9 * args.batch / median, 1),
+        train_activation_mib_per_image=act and round(act / 2**20, 1),
+    )
     # The timed step's own FLOPs (XLA cost analysis of the compiled program: forward + backward + optimizer
     # in train mode) over its time, against the chip's dense peak for the compute dtype.
     cost = compiled.cost_analysis()
@@ -157,12 +178,19 @@ def main(argv=None) -> None:
     step_flops = (cost or {}).get("flops")
     peak = args.peak_tflops or peak_tflops(device.device_kind, device.platform, args.dtype)
     achieved = step_flops and step_flops / median / 1e12
-    figures.update(step_tflop=step_flops and round(step_flops / 1e12, 4), achieved_tflop_per_s=achieved and round(achieved, 3),
-                   peak_tflop_per_s=peak, mfu=achieved and peak and round(achieved / peak, 4),
-                   batch=args.batch, dtype=args.dtype)
+    figures.update(
+        step_tflop=step_flops and round(step_flops / 1e12, 4),
+        achieved_tflop_per_s=achieved and round(achieved, 3),
+        peak_tflop_per_s=peak,
+        mfu=achieved and peak and round(achieved / peak, 4),
+        batch=args.batch,
+        dtype=args.dtype,
+    )
     finite = jax.tree.leaves(jax.tree.map(lambda a: bool(np.isfinite(np.asarray(a, np.float32)).all()), out))
-    print("result: " + " ".join(f"{k}={v}" for k, v in figures.items()) + ("" if all(finite) else " NON-FINITE"),
-          flush=True)
+    print(
+        "result: " + " ".join(f"{k}={v}" for k, v in figures.items()) + ("" if all(finite) else " NON-FINITE"),
+        flush=True,
+    )
     if args.json:
         print(json.dumps({**config, **figures}, default=str))
 

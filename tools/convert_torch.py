@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Convert an original PyTorch checkpoint into a jvit checkpoint directory (see jvit/convert/cli.py).
 
-    python tools/convert_torch.py CHECKPOINT --model NAME --output DIR [--weights-key K] [--trust-checkpoint]
+python tools/convert_torch.py CHECKPOINT --model NAME --output DIR [--weights-key K] [--trust-checkpoint]
 """
 
 import sys

@@ -39,8 +39,9 @@ def make_folder(root: str, num_images: int, seed: int = 0) -> str:
         cw, ch = int(rng.integers(w // 2, w)), int(rng.integers(h // 2, h))
         left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
         scale = float(rng.uniform(0.8, 1.25)) * 500 / max(cw, ch)
-        image = photo.crop((left, top, left + cw, top + ch)).resize((round(cw * scale), round(ch * scale)),
-                                                                     Image.BICUBIC)
+        image = photo.crop((left, top, left + cw, top + ch)).resize(
+            (round(cw * scale), round(ch * scale)), Image.BICUBIC
+        )
         directory = os.path.join(root, f"class_{i % 2}")
         os.makedirs(directory, exist_ok=True)
         image.save(os.path.join(directory, f"img_{i:05d}.jpg"), quality=90)
@@ -72,8 +73,10 @@ def main() -> None:
     data, transform = exp.train_split.data, exp.train_preprocess
     n = len(data)
     sizes = [os.path.getsize(os.path.join(folder, f)) for f, _ in data.data.files]
-    print(f"folder: {folder} ({n} images, mean {statistics.mean(sizes) / 1024:.0f} KiB); "
-          f"{os.cpu_count()} CPU cores; jax {jax.__version__} on {jax.devices()[0].platform}")
+    print(
+        f"folder: {folder} ({n} images, mean {statistics.mean(sizes) / 1024:.0f} KiB); "
+        f"{os.cpu_count()} CPU cores; jax {jax.__version__} on {jax.devices()[0].platform}"
+    )
 
     one_core = []
     for r in range(args.repeats):
@@ -81,12 +84,15 @@ def main() -> None:
         for i in range(n):
             transform(data[i], np.random.default_rng([r, i]))
         one_core.append(n / (time.perf_counter() - start))
-    print(f"1 thread (decode + augment): median {statistics.median(one_core):.1f} img/s per core "
-          f"(runs: {', '.join(f'{x:.1f}' for x in one_core)})")
+    print(
+        f"1 thread (decode + augment): median {statistics.median(one_core):.1f} img/s per core "
+        f"(runs: {', '.join(f'{x:.1f}' for x in one_core)})"
+    )
 
     batch = 32
-    iterator = pipeline.train_iterator(data, batch_size=batch, preprocess=transform, seed=0,
-                                       num_threads=args.threads, prefetch_batches=2)
+    iterator = pipeline.train_iterator(
+        data, batch_size=batch, preprocess=transform, seed=0, num_threads=args.threads, prefetch_batches=2
+    )
     next(iterator)  # start the reader threads
     grain_runs = []
     for _ in range(args.repeats):
@@ -95,8 +101,10 @@ def main() -> None:
             next(iterator)
         grain_runs.append(max(1, n // batch) * batch / (time.perf_counter() - start))
     median = statistics.median(grain_runs)
-    print(f"grain, {args.threads} threads: median {median:.1f} img/s = {median / os.cpu_count():.1f} img/s per core "
-          f"(runs: {', '.join(f'{x:.1f}' for x in grain_runs)})")
+    print(
+        f"grain, {args.threads} threads: median {median:.1f} img/s = {median / os.cpu_count():.1f} img/s per core "
+        f"(runs: {', '.join(f'{x:.1f}' for x in grain_runs)})"
+    )
 
 
 if __name__ == "__main__":

@@ -30,16 +30,30 @@ from jvit.train.config import load_config_file
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
-                "s64": 8, "u64": 8, "f64": 8}
+_DTYPE_BYTES = {
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "s16": 2,
+    "u16": 2,
+    "f16": 2,
+    "bf16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+}
 _DEF = re.compile(r"^\s*(?:ROOT\s+)?%(\S+)\s*=\s*(.+?)\s+([a-z][a-z0-9-]*)\(")
 _SHAPE = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]")
 
 
 def _shape_bytes(text: str) -> int:
     """Bytes of an HLO shape string, tuples summed (``(f32[2,3]{1,0}, s32[])`` -> 28)."""
-    return sum(_DTYPE_BYTES.get(dt, 4) * math.prod(int(d) for d in dims.split(",") if d)
-               for dt, dims in _SHAPE.findall(text))
+    return sum(
+        _DTYPE_BYTES.get(dt, 4) * math.prod(int(d) for d in dims.split(",") if d) for dt, dims in _SHAPE.findall(text)
+    )
 
 
 def collectives(hlo_text: str) -> dict[str, tuple[int, int]]:
@@ -74,8 +88,11 @@ def report(model: str, batch: int, meshes: dict[str, tuple[int, int]]) -> None:
         exp = loop.setup(config)
         abstract, shardings = exp.abstract_state, exp.state_shardings()
         train_fn, _ = loop.compiled_steps(exp)
-        local = next(pipeline.train_iterator(exp.train_split.data, batch_size=batch, preprocess=exp.train_preprocess,
-                                             seed=0, num_threads=1))
+        local = next(
+            pipeline.train_iterator(
+                exp.train_split.data, batch_size=batch, preprocess=exp.train_preprocess, seed=0, num_threads=1
+            )
+        )
         batch_sharding = sharding.batch_sharding(exp.mesh)
         abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding) for k, v in local.items()}
         abstract_state = exp.restore_target()
@@ -83,17 +100,22 @@ def report(model: str, batch: int, meshes: dict[str, tuple[int, int]]) -> None:
         compiled = train_fn.lower(abstract_state, abstract_batch).compile()
         seconds = time.time() - t0
         found = collectives(compiled.as_text())
-        state_bytes = sum(math.prod(s.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize
-                          for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)))
+        state_bytes = sum(
+            math.prod(s.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize
+            for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings))
+        )
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         per_image = cost.get("flops", float("nan")) * jax.device_count() / batch
         ops = ", ".join(f"{op} {n} ({b / 2**20:.1f} MiB)" for op, (n, b) in found.items() if n)
         total = sum(b for _, b in found.values())
-        print(f"{model} mesh={name} (data={exp.mesh.shape['data']}, fsdp={exp.mesh.shape['fsdp']}) batch={batch}: "
-              f"params {jvit.count_params(abstract.params):,}; state/device {state_bytes / 2**20:.1f} MiB; "
-              f"collectives/step {total / 2**20:.1f} MiB of results: {ops or 'none'}; "
-              f"train GFLOP/image {per_image / 1e9:.2f} (XLA cost analysis); compile {seconds:.0f} s", flush=True)
+        print(
+            f"{model} mesh={name} (data={exp.mesh.shape['data']}, fsdp={exp.mesh.shape['fsdp']}) batch={batch}: "
+            f"params {jvit.count_params(abstract.params):,}; state/device {state_bytes / 2**20:.1f} MiB; "
+            f"collectives/step {total / 2**20:.1f} MiB of results: {ops or 'none'}; "
+            f"train GFLOP/image {per_image / 1e9:.2f} (XLA cost analysis); compile {seconds:.0f} s",
+            flush=True,
+        )
 
 
 def main(argv=None) -> None:

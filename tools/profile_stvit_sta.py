@@ -27,7 +27,7 @@ import contextlib
 import functools
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -53,8 +53,19 @@ class AblatedSTA(REAL_STA):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         s = self.stoken_size
         if self.mode == "full" or (s == 1 and self.mode != "no_attention"):
-            fields = {f: getattr(self, f) for f in ("stoken_size", "n_iter", "num_heads", "qkv_bias", "qk_scale",
-                                                    "attn_drop", "proj_drop", "dtype")}
+            fields = {
+                f: getattr(self, f)
+                for f in (
+                    "stoken_size",
+                    "n_iter",
+                    "num_heads",
+                    "qkv_bias",
+                    "qk_scale",
+                    "attn_drop",
+                    "proj_drop",
+                    "dtype",
+                )
+            }
             return REAL_STA(**fields, name="inner")(x, train)
         if self.mode in ("no_sta", "no_attention"):
             return x
@@ -85,8 +96,9 @@ def steps(model, x: jax.Array, y: jax.Array) -> tuple[Callable, Callable]:
 
     def train(variables, rng):
         def loss_fn(params):
-            logits, updates = model.apply({**variables, "params": params}, x, train=True,
-                                          rngs={"dropout": rng}, mutable=["batch_stats"])
+            logits, updates = model.apply(
+                {**variables, "params": params}, x, train=True, rngs={"dropout": rng}, mutable=["batch_stats"]
+            )
             return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), updates
 
         (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
@@ -126,8 +138,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10)
     args = ap.parse_args()
 
-    print(f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPUs; "
-          f"stvit_small, batch {args.batch}, {args.img_size}x{args.img_size}, float32", flush=True)
+    print(
+        f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPUs; "
+        f"stvit_small, batch {args.batch}, {args.img_size}x{args.img_size}, float32",
+        flush=True,
+    )
     x = jax.random.normal(jax.random.key(0), (args.batch, args.img_size, args.img_size, 3))
     y = jnp.arange(args.batch) % 1000
     modes = ("full", "pool_unpool", "no_sta", "no_attention")
@@ -158,10 +173,12 @@ def main() -> None:
     for kind in ("infer", "train"):
         full = med["full"][kind]
         share = {m: (full - med[m][kind]) / full for m in modes[1:]}
-        print(f"  {kind:5s}: super-token STA (stages 1-2, ablation) {share['no_sta']:6.1%} | "
-              f"association part only (vs pool/unpool) {share['pool_unpool']:6.1%} | "
-              f"all attention incl. global MHSA of stages 3-4 {share['no_attention']:6.1%} | "
-              f"STA modules timed alone {alone[kind] / full:6.1%} ({alone[kind] * 1e3:.1f} ms)")
+        print(
+            f"  {kind:5s}: super-token STA (stages 1-2, ablation) {share['no_sta']:6.1%} | "
+            f"association part only (vs pool/unpool) {share['pool_unpool']:6.1%} | "
+            f"all attention incl. global MHSA of stages 3-4 {share['no_attention']:6.1%} | "
+            f"STA modules timed alone {alone[kind] / full:6.1%} ({alone[kind] * 1e3:.1f} ms)"
+        )
 
 
 if __name__ == "__main__":

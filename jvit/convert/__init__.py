@@ -1,7 +1,7 @@
 """PyTorch -> jvit conversion of the originals' released checkpoints.
 
-    variables = jvit.convert.load_torch_checkpoint("So-ViT-7.pth.tar", "sovit_7")
-    logits = jvit.create_model("sovit_7").apply(variables, images_nhwc, train=False)
+variables = jvit.convert.load_torch_checkpoint("So-ViT-7.pth.tar", "sovit_7")
+logits = jvit.create_model("sovit_7").apply(variables, images_nhwc, train=False)
 """
 
 from __future__ import annotations

@@ -26,10 +26,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="new directory for the converted checkpoint")
     p.add_argument("--num-classes", type=int, default=None, help="default: inferred from the checkpoint's head")
     p.add_argument("--img-size", type=int, default=None, help="default: the variant's official resolution")
-    p.add_argument("--weights-key", default=None,
-                   help="wrapper entry to convert instead of the evaluated one (e.g. state_dict for non-EMA weights)")
-    p.add_argument("--trust-checkpoint", action="store_true",
-                   help="allow arbitrary unpickling (runs code from the file): only for files you trust")
+    p.add_argument(
+        "--weights-key",
+        default=None,
+        help="wrapper entry to convert instead of the evaluated one (e.g. state_dict for non-EMA weights)",
+    )
+    p.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="allow arbitrary unpickling (runs code from the file): only for files you trust",
+    )
     return p
 
 
@@ -44,21 +50,29 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         variables, report = convert_checkpoint(
-            args.checkpoint, args.model, args.num_classes, args.img_size,
-            weights_key=args.weights_key, trust=args.trust_checkpoint,
+            args.checkpoint,
+            args.model,
+            args.num_classes,
+            args.img_size,
+            weights_key=args.weights_key,
+            trust=args.trust_checkpoint,
         )
     except (OSError, ValueError, RuntimeError, NotImplementedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"[2/3] {report}  ({time.perf_counter() - t0:.1f} s)", flush=True)
-    path = save_variables(args.output, variables, {
-        "model": args.model,
-        "num_classes": report.num_classes,
-        "img_size": report.img_size,
-        "source": os.path.abspath(args.checkpoint),
-        "weights_key": report.weights_key,
-        "param_count": report.per_collection.get("params", 0),
-    })
+    path = save_variables(
+        args.output,
+        variables,
+        {
+            "model": args.model,
+            "num_classes": report.num_classes,
+            "img_size": report.img_size,
+            "source": os.path.abspath(args.checkpoint),
+            "weights_key": report.weights_key,
+            "param_count": report.per_collection.get("params", 0),
+        },
+    )
     print(f"[3/3] wrote {path}", flush=True)
     return 0
 

@@ -19,6 +19,10 @@ SOT_RULES = ConversionRules(
     family="deit_sot",
     head_key="head.weight",
     renames=((r"^head\.", "classifier.cls_fc."),),
-    fresh=((r"^params/classifier/(pooling|visual_fc)/", "SoT's second-order branch (MGCrP + svPN, visual_fc): "
-            "no released weights"),),
+    fresh=(
+        (
+            r"^params/classifier/(pooling|visual_fc)/",
+            "SoT's second-order branch (MGCrP + svPN, visual_fc): no released weights",
+        ),
+    ),
 )

@@ -69,8 +69,9 @@ def _check_block_types(state_dict: dict[str, np.ndarray], model) -> None:
     if problems:
         raise ConversionError(
             "attention types differ between checkpoint and model configuration "
-            f"(spsa_blocks={tuple(model.spsa_blocks)}):\n    " + "\n    ".join(problems) +
-            f"\n  The checkpoint's SP-SA blocks are {tuple(found_spsa)}; if that is right, build the model with "
+            f"(spsa_blocks={tuple(model.spsa_blocks)}):\n    "
+            + "\n    ".join(problems)
+            + f"\n  The checkpoint's SP-SA blocks are {tuple(found_spsa)}; if that is right, build the model with "
             f"spsa_blocks={tuple(found_spsa)} (and cls_insert_block after them)."
         )
 

@@ -51,11 +51,14 @@ def check_derived_buffers(state_dict: dict[str, np.ndarray], model: nn.Module) -
         else:
             expect = relative_position_index(window)
         if expect is None or value.shape != expect.shape or not np.array_equal(value, expect):
-            bad.append(f"{key} {value.shape}: differs from the {res}x{res} map's window {window} "
-                       f"{'mask' if m.group(3) == 'attn_mask' else 'index'}")
+            bad.append(
+                f"{key} {value.shape}: differs from the {res}x{res} map's window {window} "
+                f"{'mask' if m.group(3) == 'attn_mask' else 'index'}"
+            )
     if bad:
-        raise ConversionError("derived Swin buffers do not match the model (another window size or img_size?):\n  "
-                              + "\n  ".join(bad))
+        raise ConversionError(
+            "derived Swin buffers do not match the model (another window size or img_size?):\n  " + "\n  ".join(bad)
+        )
     return state_dict
 
 
@@ -71,6 +74,7 @@ SOT_RULES = ConversionRules(
     head_key="head.weight",
     skips=_SKIPS + ((r"^head\.", "Swin's linear head on the token mean: SoT's visual-token head replaces it"),),
     prepare=check_derived_buffers,
-    fresh=((r"^params/classifier/", "SoT's visual-token second-order head (MGCrP + svPN, visual_fc): "
-            "no released weights"),),
+    fresh=(
+        (r"^params/classifier/", "SoT's visual-token second-order head (MGCrP + svPN, visual_fc): no released weights"),
+    ),
 )

@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -67,7 +68,8 @@ def load_checkpoint_file(path: str | os.PathLike, *, trust: bool = False) -> Any
             if not culprits:
                 raise CheckpointFormatError(
                     f"cannot read {path}: it is truncated, corrupt or not a PyTorch checkpoint "
-                    f"({type(e).__name__}: {_first_line(e)})") from e
+                    f"({type(e).__name__}: {_first_line(e)})"
+                ) from e
             raise UnsafeCheckpointError(
                 f"refusing to unpickle {path}: it references {', '.join(culprits)}, outside the allow-list "
                 f"(torch's safe types + {', '.join(t.__module__ + '.' + t.__qualname__ for t in SAFE_EXTRA_TYPES)}). "
@@ -97,10 +99,12 @@ def _check_container(path: str) -> None:
                 z.namelist()
         except (zipfile.BadZipFile, OSError) as e:
             raise CheckpointFormatError(
-                f"{path} is a damaged zip archive (truncated or corrupt: {e}); re-download or re-copy it") from e
+                f"{path} is a damaged zip archive (truncated or corrupt: {e}); re-download or re-copy it"
+            ) from e
     elif head[:1] != b"\x80":  # every pickle protocol >= 2 starts with PROTO
         raise CheckpointFormatError(
-            f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle; it starts with {head!r})")
+            f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle; it starts with {head!r})"
+        )
 
 
 def _unsafe_globals(torch, path: str, message: str) -> list[str]:
@@ -159,7 +163,7 @@ def select_state_dict(
 
 def _strip_module(key: str) -> str:
     while key.startswith("module."):
-        key = key[len("module."):]
+        key = key[len("module.") :]
     return key
 
 

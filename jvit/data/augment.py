@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
@@ -167,32 +167,75 @@ OPS: dict[str, Op] = {
     "SolarizeAdd": Op(_solarize_add, lambda lv, rng: (int(_increasing(lv) * 110),)),
     **{
         name + suffix: Op(_enhance(kind), level_fn)
-        for name, kind in (("Color", ImageEnhance.Color), ("Contrast", ImageEnhance.Contrast),
-                           ("Brightness", ImageEnhance.Brightness), ("Sharpness", ImageEnhance.Sharpness))
+        for name, kind in (
+            ("Color", ImageEnhance.Color),
+            ("Contrast", ImageEnhance.Contrast),
+            ("Brightness", ImageEnhance.Brightness),
+            ("Sharpness", ImageEnhance.Sharpness),
+        )
         for suffix, level_fn in (
             ("", lambda lv, rng: (_increasing(lv) * 1.8 + 0.1,)),
             ("Increasing", lambda lv, rng: (1.0 + _negate_half(rng, _increasing(lv) * 0.9),)),
         )
     },
     # PIL's affine maps an output pixel (x, y) to the input (a x + b y + c, d x + e y + f).
-    "ShearX": Op(_affine(lambda im, f: (1, f, 0, 0, 1, 0)), lambda lv, rng: (_negate_half(rng, _increasing(lv) * 0.3),),
-                 lambda args, size: (np.array([[1.0, 0.0], [args[0], 1.0]]), np.zeros(2))),
-    "ShearY": Op(_affine(lambda im, f: (1, 0, 0, f, 1, 0)), lambda lv, rng: (_negate_half(rng, _increasing(lv) * 0.3),),
-                 lambda args, size: (np.array([[1.0, args[0]], [0.0, 1.0]]), np.zeros(2))),
-    "TranslateXRel": Op(_affine(lambda im, pct: (1, 0, pct * im.size[0], 0, 1, 0)),
-                        lambda lv, rng: (_negate_half(rng, _increasing(lv) * TRANSLATE_PCT),),
-                        lambda args, size: (np.eye(2), np.array([0.0, args[0] * size]))),
-    "TranslateYRel": Op(_affine(lambda im, pct: (1, 0, 0, 0, 1, pct * im.size[1])),
-                        lambda lv, rng: (_negate_half(rng, _increasing(lv) * TRANSLATE_PCT),),
-                        lambda args, size: (np.eye(2), np.array([args[0] * size, 0.0]))),
+    "ShearX": Op(
+        _affine(lambda im, f: (1, f, 0, 0, 1, 0)),
+        lambda lv, rng: (_negate_half(rng, _increasing(lv) * 0.3),),
+        lambda args, size: (np.array([[1.0, 0.0], [args[0], 1.0]]), np.zeros(2)),
+    ),
+    "ShearY": Op(
+        _affine(lambda im, f: (1, 0, 0, f, 1, 0)),
+        lambda lv, rng: (_negate_half(rng, _increasing(lv) * 0.3),),
+        lambda args, size: (np.array([[1.0, args[0]], [0.0, 1.0]]), np.zeros(2)),
+    ),
+    "TranslateXRel": Op(
+        _affine(lambda im, pct: (1, 0, pct * im.size[0], 0, 1, 0)),
+        lambda lv, rng: (_negate_half(rng, _increasing(lv) * TRANSLATE_PCT),),
+        lambda args, size: (np.eye(2), np.array([0.0, args[0] * size])),
+    ),
+    "TranslateYRel": Op(
+        _affine(lambda im, pct: (1, 0, 0, 0, 1, pct * im.size[1])),
+        lambda lv, rng: (_negate_half(rng, _increasing(lv) * TRANSLATE_PCT),),
+        lambda args, size: (np.eye(2), np.array([args[0] * size, 0.0])),
+    ),
 }
 
 # timm's `_RAND_TRANSFORMS` / `_RAND_INCREASING_TRANSFORMS` (the 'inc' sets), in timm's order.
-RAND_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd", "Color",
-            "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
-RAND_INCREASING_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing",
-                       "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
-                       "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+RAND_OPS = (
+    "AutoContrast",
+    "Equalize",
+    "Invert",
+    "Rotate",
+    "Posterize",
+    "Solarize",
+    "SolarizeAdd",
+    "Color",
+    "Contrast",
+    "Brightness",
+    "Sharpness",
+    "ShearX",
+    "ShearY",
+    "TranslateXRel",
+    "TranslateYRel",
+)
+RAND_INCREASING_OPS = (
+    "AutoContrast",
+    "Equalize",
+    "Invert",
+    "Rotate",
+    "PosterizeIncreasing",
+    "SolarizeIncreasing",
+    "SolarizeAdd",
+    "ColorIncreasing",
+    "ContrastIncreasing",
+    "BrightnessIncreasing",
+    "SharpnessIncreasing",
+    "ShearX",
+    "ShearY",
+    "TranslateXRel",
+    "TranslateYRel",
+)
 
 
 def transform_score_map(score_map: np.ndarray, matrix: np.ndarray, offset: np.ndarray) -> np.ndarray:
@@ -255,8 +298,9 @@ class RandAugment:
         fill = tuple(min(255, round(255 * m)) for m in mean)
         return cls(ops, num_layers, float(magnitude), std, fill, interpolation)
 
-    def apply_op(self, name: str, image: Image.Image, args: tuple, rng: np.random.Generator,
-                 score_map: np.ndarray | None = None) -> tuple[Image.Image, np.ndarray | None]:
+    def apply_op(
+        self, name: str, image: Image.Image, args: tuple, rng: np.random.Generator, score_map: np.ndarray | None = None
+    ) -> tuple[Image.Image, np.ndarray | None]:
         """``name`` with fixed arguments on the image (and, for geometric ops, the score map)."""
         op = OPS[name]
         if not op.geometric:
@@ -267,8 +311,9 @@ class RandAugment:
             score_map = transform_score_map(score_map, *op.map_affine(args, score_map.shape[-1]))
         return image, score_map
 
-    def __call__(self, image: Image.Image, rng: np.random.Generator,
-                 score_map: np.ndarray | None = None) -> tuple[Image.Image, np.ndarray | None]:
+    def __call__(
+        self, image: Image.Image, rng: np.random.Generator, score_map: np.ndarray | None = None
+    ) -> tuple[Image.Image, np.ndarray | None]:
         for index in rng.integers(0, len(self.ops), self.num_layers):
             if rng.random() > 0.5:  # each op applies with probability 0.5
                 continue
@@ -344,8 +389,11 @@ class TrainTransform:
     token_label_order: bool = False
 
     def __post_init__(self):
-        ra = RandAugment.from_spec(self.rand_augment, mean=self.mean, interpolation=self.interpolation) \
-            if self.rand_augment else None
+        ra = (
+            RandAugment.from_spec(self.rand_augment, mean=self.mean, interpolation=self.interpolation)
+            if self.rand_augment
+            else None
+        )
         object.__setattr__(self, "_rand_augment", ra)
 
     def _crop(self, image: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, np.ndarray]:
@@ -355,7 +403,9 @@ class TrainTransform:
             return image.resize((self.img_size, self.img_size), resample), np.array([0, 0, 1, 1], np.float32)
         box = random_resized_crop_box(rng, h, w, self.crop_scale, self.crop_ratio)
         top, left, ch, cw = box
-        return resized_crop(image, box, self.img_size, resample), np.array([top / h, left / w, ch / h, cw / w], np.float32)
+        return resized_crop(image, box, self.img_size, resample), np.array(
+            [top / h, left / w, ch / h, cw / w], np.float32
+        )
 
     def _flip(self, image: Image.Image, rng: np.random.Generator, score_map: np.ndarray | None):
         if self.hflip and rng.random() < self.hflip:
@@ -369,8 +419,9 @@ class TrainTransform:
             return self._rand_augment(image, rng, score_map)
         return color_jitter(image, rng, self.color_jitter), score_map
 
-    def __call__(self, image: Image.Image, rng: np.random.Generator,
-                 score_map: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    def __call__(
+        self, image: Image.Image, rng: np.random.Generator, score_map: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         """``(uint8 [img_size, img_size, 3], transformed score map or None, crop box float32 [4])``."""
         if self.token_label_order:
             image, score_map = self._flip(image, rng, score_map)
@@ -381,4 +432,3 @@ class TrainTransform:
             image, score_map = self._flip(image, rng, score_map)
             image, score_map = self._colour(image, rng, score_map)
         return np.asarray(image, np.uint8), score_map, box
-

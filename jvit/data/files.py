@@ -62,8 +62,10 @@ def apply_policy(bad: list[tuple[str, str]], *, root: str, train: bool, split: s
     if not train:
         name, why = bad[0]
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise ConfigError(f"evaluation split {split} has an unusable image {os.path.join(root, name)}: {why}{more}. "
-                          "Evaluation scores every example: remove or replace it")
+        raise ConfigError(
+            f"evaluation split {split} has an unusable image {os.path.join(root, name)}: {why}{more}. "
+            "Evaluation scores every example: remove or replace it"
+        )
     for name, why in bad:
         log.warning("skipping %s in %s: %s", os.path.join(root, name), split, why)
     log.warning("skipped %d unusable entries named like images in %s (listed above)", len(bad), split)

@@ -51,15 +51,24 @@ class EvalTransform:
         return np.asarray(normalize(self.crop(image), self.mean, self.std))
 
 
-def eval_transform(name_or_cfg: str | registry.PretrainedCfg, img_size: int | None = None, **overrides: Any
-                   ) -> EvalTransform:
+def eval_transform(
+    name_or_cfg: str | registry.PretrainedCfg, img_size: int | None = None, **overrides: Any
+) -> EvalTransform:
     """The eval transform of a registered variant (at ``img_size``, default its first official
     resolution) or of a :class:`PretrainedCfg`; ``overrides`` replace ``crop_pct``,
     ``interpolation``, ``mean`` or ``std`` (e.g. those a training run used)."""
-    cfg = name_or_cfg if isinstance(name_or_cfg, registry.PretrainedCfg) else \
-        registry.get_pretrained_cfg(name_or_cfg, img_size)
-    fields = {"img_size": img_size or cfg.img_size, "crop_pct": cfg.crop_pct, "interpolation": cfg.interpolation,
-                  "mean": tuple(cfg.mean), "std": tuple(cfg.std)}
+    cfg = (
+        name_or_cfg
+        if isinstance(name_or_cfg, registry.PretrainedCfg)
+        else registry.get_pretrained_cfg(name_or_cfg, img_size)
+    )
+    fields = {
+        "img_size": img_size or cfg.img_size,
+        "crop_pct": cfg.crop_pct,
+        "interpolation": cfg.interpolation,
+        "mean": tuple(cfg.mean),
+        "std": tuple(cfg.std),
+    }
     unknown = set(overrides) - (set(fields) - {"img_size"})
     if unknown:
         raise TypeError(f"unknown eval-transform fields: {', '.join(sorted(unknown))}")

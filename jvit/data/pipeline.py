@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import grain
 import jax

@@ -16,7 +16,8 @@ happen on the device (:mod:`jvit.train.batch_augment`), so hosts ship uint8.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -46,8 +47,10 @@ def validate(input_config: Any, augment_config: Any) -> list[str]:
     check(i.crop_pct is None or 0 < i.crop_pct <= 1, f"input.crop_pct={i.crop_pct} must be in (0, 1]")
     if i.eval_interpolation:
         one_of("input.eval_interpolation", i.eval_interpolation, ("bilinear", "bicubic"))
-    check(all(isinstance(s, str) and s for s in i.eval_splits),
-          f"input.eval_splits={i.eval_splits!r} must be a tuple of split names")
+    check(
+        all(isinstance(s, str) and s for s in i.eval_splits),
+        f"input.eval_splits={i.eval_splits!r} must be a tuple of split names",
+    )
     for field in ("mean", "std"):
         check(len(i[field]) in (0, 3), f"input.{field}={i[field]!r} must be empty (model default) or 3 numbers")
     check(all(s > 0 for s in i.std), f"input.std={i.std!r} must be positive")
@@ -58,10 +61,14 @@ def validate(input_config: Any, augment_config: Any) -> list[str]:
     check(i.device_prefetch >= 0, f"input.device_prefetch={i.device_prefetch} must be >= 0")
 
     one_of("augment.train_interpolation", a.train_interpolation, TRAIN_INTERPOLATIONS)
-    check(len(a.crop_scale) == 2 and 0 < a.crop_scale[0] <= a.crop_scale[1] <= 1,
-          f"augment.crop_scale={a.crop_scale!r} must be (low, high) with 0 < low <= high <= 1")
-    check(len(a.crop_ratio) == 2 and 0 < a.crop_ratio[0] <= a.crop_ratio[1],
-          f"augment.crop_ratio={a.crop_ratio!r} must be (low, high) with 0 < low <= high")
+    check(
+        len(a.crop_scale) == 2 and 0 < a.crop_scale[0] <= a.crop_scale[1] <= 1,
+        f"augment.crop_scale={a.crop_scale!r} must be (low, high) with 0 < low <= high <= 1",
+    )
+    check(
+        len(a.crop_ratio) == 2 and 0 < a.crop_ratio[0] <= a.crop_ratio[1],
+        f"augment.crop_ratio={a.crop_ratio!r} must be (low, high) with 0 < low <= high",
+    )
     for field in ("hflip", "random_erasing", "mixup_prob", "mixup_switch_prob"):
         check(0 <= a[field] <= 1, f"augment.{field}={a[field]} must be a probability in [0, 1]")
     for field in ("color_jitter", "mixup_alpha", "cutmix_alpha"):
@@ -72,12 +79,16 @@ def validate(input_config: Any, augment_config: Any) -> list[str]:
             augment.RandAugment.from_spec(a.rand_augment, mean=(0.5, 0.5, 0.5), interpolation="bilinear")
         except ValueError as e:
             errors.append(f"augment.rand_augment={a.rand_augment!r}: {e}")
-    check(not (a.rand_augment and a.color_jitter),
-          "augment.color_jitter and augment.rand_augment are both set; timm applies colour jitter only without "
-          "RandAugment (set color_jitter=0 to match the originals)")
+    check(
+        not (a.rand_augment and a.color_jitter),
+        "augment.color_jitter and augment.rand_augment are both set; timm applies colour jitter only without "
+        "RandAugment (set color_jitter=0 to match the originals)",
+    )
     for field in ("inception_crop", "hflip", "rand_augment", "color_jitter"):
-        check(i.train_preprocess == "augment" or not a[field],
-              f"augment.{field}={a[field]!r} needs input.train_preprocess='augment'")
+        check(
+            i.train_preprocess == "augment" or not a[field],
+            f"augment.{field}={a[field]!r} needs input.train_preprocess='augment'",
+        )
     return errors
 
 
@@ -114,9 +125,15 @@ def train_preprocessor(config: Any, *, img_size: int, mean: tuple[float, ...]) -
         return resize
     a = config.augment
     transform = augment.TrainTransform(
-        img_size=img_size, inception_crop=a.inception_crop, crop_scale=tuple(a.crop_scale),
-        crop_ratio=tuple(a.crop_ratio), interpolation=a.train_interpolation, hflip=a.hflip,
-        rand_augment=a.rand_augment, color_jitter=a.color_jitter, mean=tuple(mean),
+        img_size=img_size,
+        inception_crop=a.inception_crop,
+        crop_scale=tuple(a.crop_scale),
+        crop_ratio=tuple(a.crop_ratio),
+        interpolation=a.train_interpolation,
+        hflip=a.hflip,
+        rand_augment=a.rand_augment,
+        color_jitter=a.color_jitter,
+        mean=tuple(mean),
         token_label_order=bool(config.input.token_label_dir),
     )
 

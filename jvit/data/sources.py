@@ -30,7 +30,8 @@ import io
 import logging
 import os
 import threading
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -118,8 +119,10 @@ class ImageFolder:
             files, bad = data_files.list_images(os.path.join(root, name), IMAGE_EXTENSIONS)
             self.unusable += [(os.path.join(name, f), why) for f, why in bad]
             if not files:
-                raise ConfigError(f"class folder {os.path.join(root, name)} has no image files "
-                                  f"(looked for {', '.join(IMAGE_EXTENSIONS)}); remove it or add its images")
+                raise ConfigError(
+                    f"class folder {os.path.join(root, name)} has no image files "
+                    f"(looked for {', '.join(IMAGE_EXTENSIONS)}); remove it or add its images"
+                )
             self.files += [(os.path.join(name, f), index[name]) for f in files]
 
     def __len__(self) -> int:
@@ -158,8 +161,10 @@ def decode_image(image: Any, name: str = "") -> Image.Image:
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] != 3):
-        raise CorruptImageError(f"image {name or '(unnamed)'} is a {array.dtype} array of shape {array.shape}; "
-                                "expected uint8 [H, W], [H, W, 1] or [H, W, 3]")
+        raise CorruptImageError(
+            f"image {name or '(unnamed)'} is a {array.dtype} array of shape {array.shape}; "
+            "expected uint8 [H, W], [H, W, 1] or [H, W, 3]"
+        )
     return Image.fromarray(array).convert("RGB")
 
 
@@ -180,8 +185,17 @@ class DecodedSource:
       token_labels: a :class:`TokenLabelMaps` or ``None``.
     """
 
-    def __init__(self, data: Sequence[dict[str, Any]], *, name: str, skip_corrupt: bool, num_classes: int,
-                 label_key: str = "label", label_set_key: str | None = None, token_labels: TokenLabelMaps | None = None):
+    def __init__(
+        self,
+        data: Sequence[dict[str, Any]],
+        *,
+        name: str,
+        skip_corrupt: bool,
+        num_classes: int,
+        label_key: str = "label",
+        label_set_key: str | None = None,
+        token_labels: TokenLabelMaps | None = None,
+    ):
         self.data, self.name, self.skip_corrupt, self.num_classes = data, name, skip_corrupt, num_classes
         self.label_key, self.label_set_key, self.token_labels = label_key, label_set_key, token_labels
         self._lock = threading.Lock()
@@ -203,11 +217,15 @@ class DecodedSource:
                 with self._lock:
                     self.skipped += 1
                     count = self.skipped
-                log.warning("skipping unreadable training image (%d so far), using the next example instead: %s", count, e)
+                log.warning(
+                    "skipping unreadable training image (%d so far), using the next example instead: %s", count, e
+                )
                 continue
             return self._example(raw, image)
-        raise CorruptImageError(f"{MAX_CONSECUTIVE_BAD + 1} consecutive unreadable images in {self.name} from index "
-                                f"{index}; the dataset looks broken (last: {where})")
+        raise CorruptImageError(
+            f"{MAX_CONSECUTIVE_BAD + 1} consecutive unreadable images in {self.name} from index "
+            f"{index}; the dataset looks broken (last: {where})"
+        )
 
     def _example(self, raw: dict[str, Any], image: Image.Image) -> dict[str, Any]:
         example = {"image": image, "label": int(raw[self.label_key])}
@@ -278,32 +296,412 @@ class TokenLabelMaps:
 # these 200 logits only. The ids are those of `indices_in_1k` in the authors' eval.py
 # (github.com/hendrycks/natural-adv-examples), in tfds/torchvision class order (sorted WordNet ids).
 IMAGENET_A_CLASSES = (
-    6, 11, 13, 15, 17, 22, 23, 27, 30, 37, 39, 42, 47, 50, 57, 70, 71, 76, 79, 89, 90, 94, 96, 97, 99, 105,
-    107, 108, 110, 113, 124, 125, 130, 132, 143, 144, 150, 151, 207, 234, 235, 254, 277, 283, 287, 291, 295,
-    298, 301, 306, 307, 308, 309, 310, 311, 313, 314, 315, 317, 319, 323, 324, 326, 327, 330, 334, 335, 336,
-    347, 361, 363, 372, 378, 386, 397, 400, 401, 402, 404, 407, 411, 416, 417, 420, 425, 428, 430, 437, 438,
-    445, 456, 457, 461, 462, 470, 472, 483, 486, 488, 492, 496, 514, 516, 528, 530, 539, 542, 543, 549, 552,
-    557, 561, 562, 569, 572, 573, 575, 579, 589, 606, 607, 609, 614, 626, 627, 640, 641, 642, 643, 658, 668,
-    677, 682, 684, 687, 701, 704, 719, 736, 746, 749, 752, 758, 763, 765, 768, 773, 774, 776, 779, 780, 786,
-    792, 797, 802, 803, 804, 813, 815, 820, 823, 831, 833, 835, 839, 845, 847, 850, 859, 862, 870, 879, 880,
-    888, 890, 897, 900, 907, 913, 924, 932, 933, 934, 937, 943, 945, 947, 951, 954, 956, 957, 959, 971, 972,
-    980, 981, 984, 986, 987, 988,
+    6,
+    11,
+    13,
+    15,
+    17,
+    22,
+    23,
+    27,
+    30,
+    37,
+    39,
+    42,
+    47,
+    50,
+    57,
+    70,
+    71,
+    76,
+    79,
+    89,
+    90,
+    94,
+    96,
+    97,
+    99,
+    105,
+    107,
+    108,
+    110,
+    113,
+    124,
+    125,
+    130,
+    132,
+    143,
+    144,
+    150,
+    151,
+    207,
+    234,
+    235,
+    254,
+    277,
+    283,
+    287,
+    291,
+    295,
+    298,
+    301,
+    306,
+    307,
+    308,
+    309,
+    310,
+    311,
+    313,
+    314,
+    315,
+    317,
+    319,
+    323,
+    324,
+    326,
+    327,
+    330,
+    334,
+    335,
+    336,
+    347,
+    361,
+    363,
+    372,
+    378,
+    386,
+    397,
+    400,
+    401,
+    402,
+    404,
+    407,
+    411,
+    416,
+    417,
+    420,
+    425,
+    428,
+    430,
+    437,
+    438,
+    445,
+    456,
+    457,
+    461,
+    462,
+    470,
+    472,
+    483,
+    486,
+    488,
+    492,
+    496,
+    514,
+    516,
+    528,
+    530,
+    539,
+    542,
+    543,
+    549,
+    552,
+    557,
+    561,
+    562,
+    569,
+    572,
+    573,
+    575,
+    579,
+    589,
+    606,
+    607,
+    609,
+    614,
+    626,
+    627,
+    640,
+    641,
+    642,
+    643,
+    658,
+    668,
+    677,
+    682,
+    684,
+    687,
+    701,
+    704,
+    719,
+    736,
+    746,
+    749,
+    752,
+    758,
+    763,
+    765,
+    768,
+    773,
+    774,
+    776,
+    779,
+    780,
+    786,
+    792,
+    797,
+    802,
+    803,
+    804,
+    813,
+    815,
+    820,
+    823,
+    831,
+    833,
+    835,
+    839,
+    845,
+    847,
+    850,
+    859,
+    862,
+    870,
+    879,
+    880,
+    888,
+    890,
+    897,
+    900,
+    907,
+    913,
+    924,
+    932,
+    933,
+    934,
+    937,
+    943,
+    945,
+    947,
+    951,
+    954,
+    956,
+    957,
+    959,
+    971,
+    972,
+    980,
+    981,
+    984,
+    986,
+    987,
+    988,
 )
 # ImageNet-R (Hendrycks et al., "The Many Faces of Robustness", ICCV 2021): renditions (art, cartoons,
 # sketches, ...) of 200 ImageNet classes, labelled by tfds with ImageNet-1k ids and scored by the argmax over
 # these 200 logits. The ids are the positions of `imagenet_r_wnids` in `all_wnids` (sorted WordNet ids, the
 # tfds/torchvision class order) in the authors' eval.py (github.com/hendrycks/imagenet-r, commit 3131cac).
 IMAGENET_R_CLASSES = (
-    1, 2, 4, 6, 8, 9, 11, 13, 22, 23, 26, 29, 31, 39, 47, 63, 71, 76, 79, 84, 90, 94, 96, 97, 99, 100, 105, 107,
-    113, 122, 125, 130, 132, 144, 145, 147, 148, 150, 151, 155, 160, 161, 162, 163, 171, 172, 178, 187, 195,
-    199, 203, 207, 208, 219, 231, 232, 234, 235, 242, 245, 247, 250, 251, 254, 259, 260, 263, 265, 267, 269,
-    276, 277, 281, 288, 289, 291, 292, 293, 296, 299, 301, 308, 309, 310, 311, 314, 315, 319, 323, 327, 330,
-    334, 335, 337, 338, 340, 341, 344, 347, 353, 355, 361, 362, 365, 366, 367, 368, 372, 388, 390, 393, 397,
-    401, 407, 413, 414, 425, 428, 430, 435, 437, 441, 447, 448, 457, 462, 463, 469, 470, 471, 472, 476, 483,
-    487, 515, 546, 555, 558, 570, 579, 583, 587, 593, 594, 596, 609, 613, 617, 621, 629, 637, 657, 658, 701,
-    717, 724, 763, 768, 774, 776, 779, 780, 787, 805, 812, 815, 820, 824, 833, 847, 852, 866, 875, 883, 889,
-    895, 907, 928, 931, 932, 933, 934, 936, 937, 943, 945, 947, 948, 949, 951, 953, 954, 957, 963, 965, 967,
-    980, 981, 983, 988,
+    1,
+    2,
+    4,
+    6,
+    8,
+    9,
+    11,
+    13,
+    22,
+    23,
+    26,
+    29,
+    31,
+    39,
+    47,
+    63,
+    71,
+    76,
+    79,
+    84,
+    90,
+    94,
+    96,
+    97,
+    99,
+    100,
+    105,
+    107,
+    113,
+    122,
+    125,
+    130,
+    132,
+    144,
+    145,
+    147,
+    148,
+    150,
+    151,
+    155,
+    160,
+    161,
+    162,
+    163,
+    171,
+    172,
+    178,
+    187,
+    195,
+    199,
+    203,
+    207,
+    208,
+    219,
+    231,
+    232,
+    234,
+    235,
+    242,
+    245,
+    247,
+    250,
+    251,
+    254,
+    259,
+    260,
+    263,
+    265,
+    267,
+    269,
+    276,
+    277,
+    281,
+    288,
+    289,
+    291,
+    292,
+    293,
+    296,
+    299,
+    301,
+    308,
+    309,
+    310,
+    311,
+    314,
+    315,
+    319,
+    323,
+    327,
+    330,
+    334,
+    335,
+    337,
+    338,
+    340,
+    341,
+    344,
+    347,
+    353,
+    355,
+    361,
+    362,
+    365,
+    366,
+    367,
+    368,
+    372,
+    388,
+    390,
+    393,
+    397,
+    401,
+    407,
+    413,
+    414,
+    425,
+    428,
+    430,
+    435,
+    437,
+    441,
+    447,
+    448,
+    457,
+    462,
+    463,
+    469,
+    470,
+    471,
+    472,
+    476,
+    483,
+    487,
+    515,
+    546,
+    555,
+    558,
+    570,
+    579,
+    583,
+    587,
+    593,
+    594,
+    596,
+    609,
+    613,
+    617,
+    621,
+    629,
+    637,
+    657,
+    658,
+    701,
+    717,
+    724,
+    763,
+    768,
+    774,
+    776,
+    779,
+    780,
+    787,
+    805,
+    812,
+    815,
+    820,
+    824,
+    833,
+    847,
+    852,
+    866,
+    875,
+    883,
+    889,
+    895,
+    907,
+    928,
+    931,
+    932,
+    933,
+    934,
+    936,
+    937,
+    943,
+    945,
+    947,
+    948,
+    949,
+    951,
+    953,
+    954,
+    957,
+    963,
+    965,
+    967,
+    980,
+    981,
+    983,
+    988,
 )
 CLASS_SUBSETS = {"imagenet_a": IMAGENET_A_CLASSES, "imagenet_r": IMAGENET_R_CLASSES}
 
@@ -335,14 +733,16 @@ def open_split(input_config: Any, spec: str, *, train: bool, img_size: int, seed
     token_dir = input_config.token_label_dir if train else ""
     if dataset == "mock":
         if token_dir:
-            raise ConfigError("input.token_label_dir needs a dataset with file names (a folder or tfds ImageNet), not mock")
+            raise ConfigError(
+                "input.token_label_dir needs a dataset with file names (a folder or tfds ImageNet), not mock"
+            )
         n = input_config.mock_train_examples if train else input_config.mock_eval_examples
         k = input_config.mock_num_classes
         # Different seeds keep the mock train and eval splits apart.
         raw = MockSource(n, k, img_size, seed + (0 if train else 1))
         return Split(DecodedSource(raw, name=name, skip_corrupt=train, num_classes=k), k, name)
     if dataset.startswith(FOLDER_PREFIX):
-        return _open_folder(dataset[len(FOLDER_PREFIX):], split, input_config, train=train, name=name)
+        return _open_folder(dataset[len(FOLDER_PREFIX) :], split, input_config, train=train, name=name)
     return _open_tfds(dataset, split, input_config, train=train, name=name, token_dir=token_dir)
 
 
@@ -379,15 +779,17 @@ def _open_tfds(dataset: str, split: str, input_config: Any, *, train: bool, name
         try:
             builder = tfds.builder(dataset, data_dir=input_config.data_dir, file_format="array_record")
         except tfds.core.registered.DatasetNotFoundError as e:
-            raise ConfigError(f"input dataset {dataset!r} is not a tfds dataset, 'folder:PATH', 'jvit_digits' "
-                              f"or 'mock': {e}") from e
+            raise ConfigError(
+                f"input dataset {dataset!r} is not a tfds dataset, 'folder:PATH', 'jvit_digits' or 'mock': {e}"
+            ) from e
         if not builder.is_prepared():
             if not input_config.prepare:
                 raise ConfigError(
                     f"tfds dataset {dataset!r} is not prepared in {builder.data_dir_root}; set "
                     "--config.input.prepare=True to build it there (with --config.input.manual_dir for manually "
                     f"downloaded data such as imagenet2012), or run `tfds build {dataset} --file_format=array_record`, "
-                    "or point config.input.data_dir at a prepared copy")
+                    "or point config.input.data_dir at a prepared copy"
+                )
             _prepare(builder, input_config.manual_dir)
     if split not in builder.info.splits:
         raise ConfigError(f"dataset {dataset!r} has no split {split!r}; it has: {', '.join(builder.info.splits)}")
@@ -407,17 +809,33 @@ def _open_tfds(dataset: str, split: str, input_config: Any, *, train: bool, name
     names = list(label.names) if getattr(label, "names", None) else None
     tokens = TokenLabelMaps(token_dir, names) if token_dir else None
     subset = CLASS_SUBSETS.get(dataset.split("/")[0])
-    data = DecodedSource(raw, name=name, skip_corrupt=train, num_classes=int(label.num_classes), label_key=label_key,
-                         label_set_key="real_label" if multi_label else None, token_labels=tokens)
-    return Split(data, int(label.num_classes), name, class_subset=subset, multi_label=multi_label,
-                 class_names=tuple(names) if names else None)
+    data = DecodedSource(
+        raw,
+        name=name,
+        skip_corrupt=train,
+        num_classes=int(label.num_classes),
+        label_key=label_key,
+        label_set_key="real_label" if multi_label else None,
+        token_labels=tokens,
+    )
+    return Split(
+        data,
+        int(label.num_classes),
+        name,
+        class_subset=subset,
+        multi_label=multi_label,
+        class_names=tuple(names) if names else None,
+    )
 
 
 def _prepare(builder: Any, manual_dir: str | None) -> None:
     import tensorflow_datasets as tfds
 
-    log.info("preparing tfds dataset %s in %s (ArrayRecord); this can take long for large datasets",
-             builder.name, builder.data_dir_root)
+    log.info(
+        "preparing tfds dataset %s in %s (ArrayRecord); this can take long for large datasets",
+        builder.name,
+        builder.data_dir_root,
+    )
     config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
     try:
         builder.download_and_prepare(download_config=config, file_format="array_record")

@@ -102,14 +102,23 @@ class DeiT(nn.Module):
         self.pos_drop = nn.Dropout(self.drop_rate)
         rates = drop_path_rates(self.drop_path_rate, self.depth)
         self.blocks = [
-            Block(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, qkv_bias=True, drop=self.drop_rate,
-                  drop_path=rates[i], norm_eps=1e-6, dtype=self.dtype, name=f"blocks_{i}")
+            Block(
+                num_heads=self.num_heads,
+                mlp_ratio=self.mlp_ratio,
+                qkv_bias=True,
+                drop=self.drop_rate,
+                drop_path=rates[i],
+                norm_eps=1e-6,
+                dtype=self.dtype,
+                name=f"blocks_{i}",
+            )
             for i in range(self.depth)
         ]
         self.norm = layer_norm(1e-6, dtype=self.dtype)
         if self.second_order is not None:
-            self.classifier = SecondOrderClassifier(self.num_classes, self.second_order, use_cls_token=True,
-                                                    dtype=self.dtype)
+            self.classifier = SecondOrderClassifier(
+                self.num_classes, self.second_order, use_cls_token=True, dtype=self.dtype
+            )
         else:
             # timm zero-initialises the classifier of a fresh ViT.
             self.head = dense(self.num_classes, kernel_init=nn.initializers.zeros, dtype=jnp.float32)
@@ -196,13 +205,25 @@ _SOT_HEADS = {
 
 def _cfg(release: str) -> PretrainedCfg:
     file, top1 = _RELEASES[release]
-    return PretrainedCfg(crop_pct=0.875, interpolation="bicubic", weights_keys=("model",), files=(file,),
-                         urls=(_DEIT_URL + file,), top1=top1)
+    return PretrainedCfg(
+        crop_pct=0.875,
+        interpolation="bicubic",
+        weights_keys=("model",),
+        files=(file,),
+        urls=(_DEIT_URL + file,),
+        top1=top1,
+    )
 
 
 for _name, _kw in _VARIANTS.items():
     register_variant(_name, "deit", _cfg(_name), DeiT, **_kw)
     register_variant(f"{_name}_distilled", "deit", _cfg(f"{_name}_distilled"), DeiT, distilled=True, **_kw)
     # The SoT variant starts from the plain DeiT release; its own top-1 is unknown (no SoT weights exist).
-    register_variant(f"{_name}_sot", "deit_sot", dataclasses.replace(_cfg(_name), top1=None), DeiT,
-                     second_order=_SOT_HEADS[_name], **_kw)
+    register_variant(
+        f"{_name}_sot",
+        "deit_sot",
+        dataclasses.replace(_cfg(_name), top1=None),
+        DeiT,
+        second_order=_SOT_HEADS[_name],
+        **_kw,
+    )

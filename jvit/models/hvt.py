@@ -164,7 +164,11 @@ class HVT(nn.Module):
         if self.img_size < self.patch_size:
             raise ValueError(f"HVT: img_size {self.img_size} is smaller than patch_size {self.patch_size}")
         self.token_counts = token_counts(
-            self.img_size, self.patch_size, self.num_blocks, self.pool_kernel_size, self.pool_stride,
+            self.img_size,
+            self.patch_size,
+            self.num_blocks,
+            self.pool_kernel_size,
+            self.pool_stride,
             self.pool_block_width,
         )
         dim = self.num_heads * self.head_dim
@@ -175,9 +179,17 @@ class HVT(nn.Module):
         w = self.pool_block_width
         self.blocks = [
             HVTBlock(
-                self.num_heads, self.mlp_ratio, qkv_bias=True, drop=self.drop_rate, drop_path=rates[i],
-                norm_eps=NORM_EPS, downsample=bool(w) and i % w == 0, pool_kernel_size=self.pool_kernel_size,
-                pool_stride=self.pool_stride, dtype=self.dtype, name=f"blocks_{i}",
+                self.num_heads,
+                self.mlp_ratio,
+                qkv_bias=True,
+                drop=self.drop_rate,
+                drop_path=rates[i],
+                norm_eps=NORM_EPS,
+                downsample=bool(w) and i % w == 0,
+                pool_kernel_size=self.pool_kernel_size,
+                pool_stride=self.pool_stride,
+                dtype=self.dtype,
+                name=f"blocks_{i}",
             )
             for i in range(self.num_blocks)
         ]

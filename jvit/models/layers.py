@@ -16,7 +16,8 @@ Everything works on channels-last (NHWC / ``[batch, tokens, dim]``) arrays.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -355,8 +356,13 @@ class Block(nn.Module):
         drop_path = DropPath(self.drop_path)
         y = layer_norm(self.norm_eps, name="norm1", dtype=self.dtype)(x)
         y = Attention(
-            self.num_heads, self.qkv_bias, self.qk_scale, self.attn_drop, self.drop,
-            dtype=self.dtype, name="attn",
+            self.num_heads,
+            self.qkv_bias,
+            self.qk_scale,
+            self.attn_drop,
+            self.drop,
+            dtype=self.dtype,
+            name="attn",
         )(y, train)
         x = x + drop_path(y, train)
         y = layer_norm(self.norm_eps, name="norm2", dtype=self.dtype)(x)

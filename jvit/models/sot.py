@@ -123,8 +123,9 @@ class SVPN(nn.Module):
                 u = _normalize(jnp.einsum("...nm,...m->...n", residual, v, precision=FP32))
                 v = _normalize(jnp.einsum("...nm,...n->...m", residual, u, precision=FP32))
             # (u^T R) v, in the original's order of operations.
-            s = jnp.einsum("...m,...m->...", jnp.einsum("...n,...nm->...m", u, residual, precision=FP32), v,
-                           precision=FP32)
+            s = jnp.einsum(
+                "...m,...m->...", jnp.einsum("...n,...nm->...m", u, residual, precision=FP32), v, precision=FP32
+            )
             if step == 0:
                 self.sow("intermediates", "svpn_sigma", s)
             rank_one = s[..., None, None] * u[..., :, None] * v[..., None, :]
@@ -276,8 +277,9 @@ class DenseLayer(nn.Module):
         h = nn.relu(jnp.concatenate(features, axis=-1))
         h = conv2d(self.bottleneck, 1, in_features=h.shape[-1], use_bias=False, name="conv1", dtype=self.dtype)(h)
         h = nn.relu(h)
-        return conv2d(self.growth, 3, in_features=h.shape[-1], padding=1, use_bias=False, name="conv2",
-                      dtype=self.dtype)(h)
+        return conv2d(
+            self.growth, 3, in_features=h.shape[-1], padding=1, use_bias=False, name="conv2", dtype=self.dtype
+        )(h)
 
 
 class DenseBlock(nn.Module):
@@ -292,7 +294,9 @@ class DenseBlock(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         features = [x]
         for layer in range(1, self.num_layers + 1):
-            features.append(DenseLayer(self.growth, 2 * self.growth, dtype=self.dtype, name=f"denselayer{layer}")(features))
+            features.append(
+                DenseLayer(self.growth, 2 * self.growth, dtype=self.dtype, name=f"denselayer{layer}")(features)
+            )
         return jnp.concatenate(features, axis=-1)
 
 
@@ -354,14 +358,23 @@ class Bottleneck(nn.Module):
         d = self.dtype
         h = conv2d(self.planes, 1, in_features=x.shape[-1], use_bias=False, name="conv1", dtype=d)(x)
         h = nn.relu(batch_norm(train, 1e-3, 0.01, name="bn1", dtype=d)(h))
-        h = conv2d(self.planes, 3, in_features=h.shape[-1], stride=self.stride, padding=1, use_bias=False,
-                   name="conv2", dtype=d)(h)
+        h = conv2d(
+            self.planes,
+            3,
+            in_features=h.shape[-1],
+            stride=self.stride,
+            padding=1,
+            use_bias=False,
+            name="conv2",
+            dtype=d,
+        )(h)
         h = nn.relu(batch_norm(train, 1e-3, 0.01, name="bn2", dtype=d)(h))
         h = conv2d(out_ch, 1, in_features=h.shape[-1], use_bias=False, name="conv3", dtype=d)(h)
         h = batch_norm(train, 1e-3, 0.01, name="bn3", dtype=d)(h)
         if self.stride != 1 or x.shape[-1] != out_ch:
-            x = conv2d(out_ch, 1, in_features=x.shape[-1], stride=self.stride, use_bias=False,
-                       name="downsample_conv", dtype=d)(x)
+            x = conv2d(
+                out_ch, 1, in_features=x.shape[-1], stride=self.stride, use_bias=False, name="downsample_conv", dtype=d
+            )(x)
             x = batch_norm(train, 1e-5, 0.1, name="downsample_bn", dtype=d)(x)
         return nn.relu(h + x)
 
@@ -439,8 +452,17 @@ class SoT(nn.Module):
         self.pos_drop = nn.Dropout(self.drop_rate)
         rates = drop_path_rates(self.drop_path_rate, self.depth)
         self.blocks = [
-            Block(self.num_heads, self.mlp_ratio, qkv_bias=False, qk_scale=self.qk_scale, drop=self.drop_rate,
-                  drop_path=rates[i], norm_eps=1e-5, dtype=self.dtype, name=f"blocks_{i}")
+            Block(
+                self.num_heads,
+                self.mlp_ratio,
+                qkv_bias=False,
+                qk_scale=self.qk_scale,
+                drop=self.drop_rate,
+                drop_path=rates[i],
+                norm_eps=1e-5,
+                dtype=self.dtype,
+                name=f"blocks_{i}",
+            )
             for i in range(self.depth)
         ]
         self.norm = layer_norm(1e-5, dtype=self.dtype)
@@ -480,14 +502,26 @@ _EMA_CFG = PretrainedCfg(weights_keys=("state_dict_ema", "state_dict"))
 # "Upgrade" column lists 76.8 / 78.7 / 82.3 / 82.8 for the same files); no hashes published.
 _SOVIT_OSS = "https://jiangtaoxie.oss-cn-beijing.aliyuncs.com/So-ViT/"
 _SOVIT_RELEASES = {
-    "sovit_7": ("So-ViT-7.pth.tar?versionId=CAEQAhiBgIDLutbayBciIGI0ZDEwN2ZiZjk3MjQxMjY5ODQxMTU3OGYxZjYzZWYz",
-                "1-MTuAbQ-T6skfqHEYrhb9BmitG1iu5SY", 76.2),
-    "sovit_10": ("So-ViT-10.pth.tar?versionId=CAEQAhiBgMDHutbayBciIDViOTY5ZDFlNTI0ZDQ5NWNhM2IxMTA3OWU4OTlmMmUw",
-                 "1biRaP_m8NR48buFEQQwCRQphR_Nz5Sjw", 77.9),
-    "sovit_14": ("So-ViT-14.pth.tar?versionId=CAEQAhiBgIDDutbayBciIGM1YjBlOTIxMjYyNDRhMjY4MjE1MzgxMDcyMjEyNTM1",
-                 "1A85Rlnaaya9GEpraaEKJsSaGsdqHU5YO", 81.8),
-    "sovit_19": ("So-ViT-19.pth.tar?versionId=CAEQAhiCgIDDutbayBciIGFkNGQ1ODUzNmQxZDRmYmU5YjQ1NzkxNDVmMTJjZDg0",
-                 "1Jv2lYVzJ5lY909MHYP3YORhAVsKxUAC9", 82.4),
+    "sovit_7": (
+        "So-ViT-7.pth.tar?versionId=CAEQAhiBgIDLutbayBciIGI0ZDEwN2ZiZjk3MjQxMjY5ODQxMTU3OGYxZjYzZWYz",
+        "1-MTuAbQ-T6skfqHEYrhb9BmitG1iu5SY",
+        76.2,
+    ),
+    "sovit_10": (
+        "So-ViT-10.pth.tar?versionId=CAEQAhiBgMDHutbayBciIDViOTY5ZDFlNTI0ZDQ5NWNhM2IxMTA3OWU4OTlmMmUw",
+        "1biRaP_m8NR48buFEQQwCRQphR_Nz5Sjw",
+        77.9,
+    ),
+    "sovit_14": (
+        "So-ViT-14.pth.tar?versionId=CAEQAhiBgIDDutbayBciIGM1YjBlOTIxMjYyNDRhMjY4MjE1MzgxMDcyMjEyNTM1",
+        "1A85Rlnaaya9GEpraaEKJsSaGsdqHU5YO",
+        81.8,
+    ),
+    "sovit_19": (
+        "So-ViT-19.pth.tar?versionId=CAEQAhiCgIDDutbayBciIGFkNGQ1ODUzNmQxZDRmYmU5YjQ1NzkxNDVmMTJjZDg0",
+        "1Jv2lYVzJ5lY909MHYP3YORhAVsKxUAC9",
+        82.4,
+    ),
 }
 
 
@@ -496,8 +530,13 @@ def _release_cfg(name: str, files: tuple[str, ...]) -> PretrainedCfg:
     if name not in _SOVIT_RELEASES:
         return dataclasses.replace(_EMA_CFG, files=files)
     path, drive_id, top1 = _SOVIT_RELEASES[name]
-    return dataclasses.replace(_EMA_CFG, files=files, urls=(_SOVIT_OSS + path,), top1=top1, manual_download=(
-        f"download {files[0]} from https://drive.google.com/file/d/{drive_id}/view"))
+    return dataclasses.replace(
+        _EMA_CFG,
+        files=files,
+        urls=(_SOVIT_OSS + path,),
+        top1=top1,
+        manual_download=(f"download {files[0]} from https://drive.google.com/file/d/{drive_id}/view"),
+    )
 
 
 # name: (token embedding, embed_dim, depth, heads, mlp_ratio, head, released files)
@@ -513,5 +552,15 @@ _VARIANTS: dict[str, tuple[Any, ...]] = {
 
 
 for _name, (_embed, _dim, _depth, _heads, _mlp, _head, _files) in _VARIANTS.items():
-    register_variant(_name, "sot", _release_cfg(_name, _files), SoT, embed=_embed, embed_dim=_dim,
-                     depth=_depth, num_heads=_heads, mlp_ratio=_mlp, head=_head)
+    register_variant(
+        _name,
+        "sot",
+        _release_cfg(_name, _files),
+        SoT,
+        embed=_embed,
+        embed_dim=_dim,
+        depth=_depth,
+        num_heads=_heads,
+        mlp_ratio=_mlp,
+        head=_head,
+    )

@@ -259,11 +259,20 @@ class SPViTBlock(nn.Module):
         if self.spatial_prior:
             if self.has_cls:
                 raise ValueError("SP-SA attends over the patch grid only; it cannot run after the class token is in")
-            attn = SpatialPriorAttention(c, self.num_heads, self.qkv_bias, None, self.attn_drop, self.drop,
-                                         dtype=self.dtype, name="attn")
+            attn = SpatialPriorAttention(
+                c, self.num_heads, self.qkv_bias, None, self.attn_drop, self.drop, dtype=self.dtype, name="attn"
+            )
         else:
-            attn = Attention(self.num_heads, self.qkv_bias, None, self.attn_drop, self.drop, dtype=self.dtype,
-                             sow_probs=True, name="attn")
+            attn = Attention(
+                self.num_heads,
+                self.qkv_bias,
+                None,
+                self.attn_drop,
+                self.drop,
+                dtype=self.dtype,
+                sow_probs=True,
+                name="attn",
+            )
         x = x + drop_path(attn(y, train), train) / self.skip_lam
         y = layer_norm(1e-5, name="norm2", dtype=self.dtype)(x)
         y = Mlp(int(c * self.mlp_ratio), drop=self.drop, dtype=self.dtype, name="mlp")(y, train)
@@ -403,9 +412,19 @@ class SPViT(nn.Module):
         self.pos_drop = nn.Dropout(self.drop_rate)
         rates = drop_path_rates(self.drop_path_rate, self.depth)
         self.blocks = [
-            SPViTBlock(self.num_heads, self.mlp_ratio, self.skip_lam, spatial_prior=i in self.spsa_blocks,
-                       has_cls=i >= self.cls_insert_block, qkv_bias=self.qkv_bias, drop=self.drop_rate,
-                       attn_drop=self.attn_drop_rate, drop_path=rates[i], dtype=self.dtype, name=f"blocks_{i}")
+            SPViTBlock(
+                self.num_heads,
+                self.mlp_ratio,
+                self.skip_lam,
+                spatial_prior=i in self.spsa_blocks,
+                has_cls=i >= self.cls_insert_block,
+                qkv_bias=self.qkv_bias,
+                drop=self.drop_rate,
+                attn_drop=self.attn_drop_rate,
+                drop_path=rates[i],
+                dtype=self.dtype,
+                name=f"blocks_{i}",
+            )
             for i in range(self.depth)
         ]
         self.norm = layer_norm(1e-5, dtype=self.dtype)
@@ -472,12 +491,27 @@ class SPViT(nn.Module):
 # What the repository's train / fine-tune scripts build (spec §1): local_up_to_layer 14 (S), 10
 # (M, main.py's default) and 22 (L); lvvit_l's ``order=['tr']*24`` path builds no SP-SA at all.
 _VARIANTS: dict[str, dict[str, Any]] = {
-    "spvit_s": dict(embed_dim=384, depth=16, num_heads=6, stem_width=64, skip_lam=2.0,
-                    spsa_blocks=tuple(range(14)), cls_insert_block=14),
-    "spvit_m": dict(embed_dim=512, depth=20, num_heads=8, stem_width=64, skip_lam=2.0,
-                    spsa_blocks=tuple(range(10)), cls_insert_block=10),
-    "spvit_l": dict(embed_dim=768, depth=24, num_heads=12, stem_width=128, skip_lam=3.0,
-                    spsa_blocks=(), cls_insert_block=22),
+    "spvit_s": dict(
+        embed_dim=384,
+        depth=16,
+        num_heads=6,
+        stem_width=64,
+        skip_lam=2.0,
+        spsa_blocks=tuple(range(14)),
+        cls_insert_block=14,
+    ),
+    "spvit_m": dict(
+        embed_dim=512,
+        depth=20,
+        num_heads=8,
+        stem_width=64,
+        skip_lam=2.0,
+        spsa_blocks=tuple(range(10)),
+        cls_insert_block=10,
+    ),
+    "spvit_l": dict(
+        embed_dim=768, depth=24, num_heads=12, stem_width=128, skip_lam=3.0, spsa_blocks=(), cls_insert_block=22
+    ),
 }
 
 # Eval crop (timm default_cfg: S 0.9, M/L 1.0, also used at 384) and the weights the original
@@ -490,8 +524,13 @@ _RELEASE_PAGE = "https://github.com/ZhouYuxuanYX/SP-ViT/releases/tag/download"
 
 
 def _cfg(size: int, crop: float, keys: tuple[str, ...], top1: float) -> PretrainedCfg:
-    return PretrainedCfg(size, crop, weights_keys=keys, top1=top1, manual_download=(
-        f"download the SP-ViT checkpoint for {size} px from the release page {_RELEASE_PAGE}"))
+    return PretrainedCfg(
+        size,
+        crop,
+        weights_keys=keys,
+        top1=top1,
+        manual_download=(f"download the SP-ViT checkpoint for {size} px from the release page {_RELEASE_PAGE}"),
+    )
 
 
 _EMA = ("state_dict_ema", "state_dict", "model")

@@ -33,7 +33,8 @@ are zero-padded at the bottom/right inside STA and cropped back, exactly as the 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -158,8 +159,14 @@ class SuperTokenAttention(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         b, h, w, c = x.shape
         refine = Attention(
-            self.num_heads, self.qkv_bias, self.qk_scale, self.attn_drop, self.proj_drop,
-            torch_init=True, dtype=self.dtype, name="stoken_refine",
+            self.num_heads,
+            self.qkv_bias,
+            self.qk_scale,
+            self.attn_drop,
+            self.proj_drop,
+            torch_init=True,
+            dtype=self.dtype,
+            name="stoken_refine",
         )
         s = self.stoken_size
         if s == 1:
@@ -266,8 +273,15 @@ class STBlock(nn.Module):
         y = layer_norm(1e-6, name="norm1", dtype=self.dtype)(x)
         self.sow("intermediates", "norm1_out", y)
         y = SuperTokenAttention(
-            self.stoken_size, self.n_iter, self.num_heads, self.qkv_bias, self.qk_scale, self.attn_drop,
-            self.drop, dtype=self.dtype, name="attn",
+            self.stoken_size,
+            self.n_iter,
+            self.num_heads,
+            self.qkv_bias,
+            self.qk_scale,
+            self.attn_drop,
+            self.drop,
+            dtype=self.dtype,
+            name="attn",
         )(y, train)
         self.sow("intermediates", "sta_out", y)
         x = x + drop_path(gamma_1 * y, train)
@@ -289,8 +303,9 @@ class PatchEmbed(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         widths = (self.embed_dim // 2, self.embed_dim // 2, self.embed_dim, self.embed_dim)
         for i, (width, stride) in enumerate(zip(widths, (2, 1, 2, 1))):
-            x = conv2d(width, 3, in_features=x.shape[-1], stride=stride, padding=1, name=f"proj_{3 * i}",
-                       dtype=self.dtype)(x)
+            x = conv2d(
+                width, 3, in_features=x.shape[-1], stride=stride, padding=1, name=f"proj_{3 * i}", dtype=self.dtype
+            )(x)
             x = batch_norm(train, 1e-5, 0.1, name=f"proj_{3 * i + 2}", dtype=self.dtype)(gelu(x))
         return x
 
@@ -330,9 +345,19 @@ class Stage(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         for j in range(self.depth):
             x = STBlock(
-                self.stoken_size, self.n_iter, self.num_heads, self.mlp_ratio, self.qkv_bias, self.qk_scale,
-                self.drop, self.attn_drop, self.drop_paths[j], self.layerscale, self.init_values,
-                dtype=self.dtype, name=f"blocks_{j}",
+                self.stoken_size,
+                self.n_iter,
+                self.num_heads,
+                self.mlp_ratio,
+                self.qkv_bias,
+                self.qk_scale,
+                self.drop,
+                self.attn_drop,
+                self.drop_paths[j],
+                self.layerscale,
+                self.init_values,
+                dtype=self.dtype,
+                name=f"blocks_{j}",
             )(x, train)
         self.sow("intermediates", "blocks_out", x)
         if self.out_dim is not None:
@@ -404,12 +429,21 @@ class STViT(nn.Module):
         for i in range(num_stages):
             start = sum(self.depths[:i])
             x = Stage(
-                self.depths[i], self.stoken_size[i], self.n_iter[i], self.num_heads[i],
+                self.depths[i],
+                self.stoken_size[i],
+                self.n_iter[i],
+                self.num_heads[i],
                 tuple(rates[start : start + self.depths[i]]),
                 out_dim=self.embed_dim[i + 1] if i + 1 < num_stages else None,
-                mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias, qk_scale=self.qk_scale, drop=self.drop_rate,
-                attn_drop=self.attn_drop_rate, layerscale=self.layerscale[i], init_values=self.init_values,
-                dtype=self.dtype, name=f"layers_{i}",
+                mlp_ratio=self.mlp_ratio,
+                qkv_bias=self.qkv_bias,
+                qk_scale=self.qk_scale,
+                drop=self.drop_rate,
+                attn_drop=self.attn_drop_rate,
+                layerscale=self.layerscale[i],
+                init_values=self.init_values,
+                dtype=self.dtype,
+                name=f"layers_{i}",
             )(x, train)
 
         x = torch_dense(self.projection, in_features=x.shape[-1], name="proj", dtype=self.dtype)(x)
@@ -433,8 +467,14 @@ def _cfgs(name: str) -> tuple[PretrainedCfg, PretrainedCfg]:
     stem = name.replace("_", "-")
     top1 = _TOP1[name]
     return tuple(
-        PretrainedCfg(img_size=size, crop_pct=crop, weights_keys=("model",), files=(f"{stem}-{size}.pth",),
-                      top1=acc, manual_download=f"download {stem}-{size}.pth from the Google-Drive folder {_DRIVE}")
+        PretrainedCfg(
+            img_size=size,
+            crop_pct=crop,
+            weights_keys=("model",),
+            files=(f"{stem}-{size}.pth",),
+            top1=acc,
+            manual_download=f"download {stem}-{size}.pth from the Google-Drive folder {_DRIVE}",
+        )
         for size, crop, acc in ((224, 0.875, top1[0]), (384, 1.0, top1[1]))
     )
 
@@ -454,5 +494,14 @@ _VARIANTS: dict[str, tuple[Any, ...]] = {
 
 
 for _name, (_dims, _depths, _heads, _layerscale, _init_values) in _VARIANTS.items():
-    register_variant(_name, "stvit", _cfgs(_name), STViT, embed_dim=_dims, depths=_depths, num_heads=_heads,
-                     layerscale=_layerscale, init_values=_init_values)
+    register_variant(
+        _name,
+        "stvit",
+        _cfgs(_name),
+        STViT,
+        embed_dim=_dims,
+        depths=_depths,
+        num_heads=_heads,
+        layerscale=_layerscale,
+        init_values=_init_values,
+    )

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jvit.models.deit import PatchEmbed
-from jvit.models.layers import Dtype, DropPath, Mlp, check_image, dense, drop_path_rates, layer_norm, trunc_normal_02
+from jvit.models.layers import DropPath, Dtype, Mlp, check_image, dense, drop_path_rates, layer_norm, trunc_normal_02
 from jvit.models.sot import HeadConfig, SecondOrderClassifier
 from jvit.registry import PretrainedCfg, register_variant
 
@@ -58,10 +58,11 @@ def shifted_window_mask(height: int, width: int, window: int, shift: int) -> np.
     ``[H-shift, H)``; tokens of one window attend only to tokens of the same region pair (mask 0) and
     get :data:`_MASK_VALUE` otherwise.
     """
+
     def regions(n: int) -> np.ndarray:
         r = np.zeros(n, np.int64)
-        r[n - window: n - shift] = 1
-        r[n - shift:] = 2
+        r[n - window : n - shift] = 1
+        r[n - shift :] = 2
         return r
 
     label = regions(height)[:, None] * 3 + regions(width)[None, :]
@@ -147,8 +148,15 @@ class SwinBlock(nn.Module):
         if s:
             y = jnp.roll(y, (-s, -s), axis=(1, 2))
         mask = shifted_window_mask(height, width, m, s) if s else None
-        y = WindowAttention(num_heads=self.num_heads, window=m, qkv_bias=self.qkv_bias, attn_drop=self.attn_drop,
-                            proj_drop=self.drop, dtype=self.dtype, name="attn")(window_partition(y, m), mask, train)
+        y = WindowAttention(
+            num_heads=self.num_heads,
+            window=m,
+            qkv_bias=self.qkv_bias,
+            attn_drop=self.attn_drop,
+            proj_drop=self.drop,
+            dtype=self.dtype,
+            name="attn",
+        )(window_partition(y, m), mask, train)
         y = window_reverse(y, m, height, width)
         if s:
             y = jnp.roll(y, (s, s), axis=(1, 2))
@@ -199,13 +207,23 @@ class SwinStage(nn.Module):
         if min(self.resolution) <= window:
             window, shift = min(self.resolution), 0
         if self.resolution[0] % window or self.resolution[1] % window:
-            raise ValueError(f"a {self.resolution[0]}x{self.resolution[1]} token map does not split into "
-                             f"{window}x{window} windows; choose img_size so every stage's map is a multiple "
-                             "of the window")
+            raise ValueError(
+                f"a {self.resolution[0]}x{self.resolution[1]} token map does not split into "
+                f"{window}x{window} windows; choose img_size so every stage's map is a multiple "
+                "of the window"
+            )
         for i in range(self.depth):
-            x = SwinBlock(num_heads=self.num_heads, resolution=self.resolution, window=window,
-                          shift=0 if i % 2 == 0 else shift, mlp_ratio=self.mlp_ratio, drop=self.drop,
-                          drop_path=self.drop_paths[i], dtype=self.dtype, name=f"blocks_{i}")(x, train)
+            x = SwinBlock(
+                num_heads=self.num_heads,
+                resolution=self.resolution,
+                window=window,
+                shift=0 if i % 2 == 0 else shift,
+                mlp_ratio=self.mlp_ratio,
+                drop=self.drop,
+                drop_path=self.drop_paths[i],
+                dtype=self.dtype,
+                name=f"blocks_{i}",
+            )(x, train)
         if self.downsample:
             if self.resolution[0] % 2 or self.resolution[1] % 2:
                 raise ValueError(f"patch merging needs an even token map, got {self.resolution}")
@@ -248,15 +266,27 @@ class Swin(nn.Module):
         stages, res = [], self.img_size // self.patch_size
         for i, (depth, heads) in enumerate(zip(self.depths, self.num_heads)):
             start, last = sum(self.depths[:i]), i == len(self.depths) - 1
-            stages.append(SwinStage(depth=depth, num_heads=heads, resolution=(res, res), window=self.window_size,
-                                    mlp_ratio=self.mlp_ratio, drop_paths=tuple(rates[start:start + depth]),
-                                    downsample=not last, drop=self.drop_rate, dtype=self.dtype, name=f"layers_{i}"))
+            stages.append(
+                SwinStage(
+                    depth=depth,
+                    num_heads=heads,
+                    resolution=(res, res),
+                    window=self.window_size,
+                    mlp_ratio=self.mlp_ratio,
+                    drop_paths=tuple(rates[start : start + depth]),
+                    downsample=not last,
+                    drop=self.drop_rate,
+                    dtype=self.dtype,
+                    name=f"layers_{i}",
+                )
+            )
             res = res if last else res // 2
         self.layers = stages
         self.norm = layer_norm(_EPS, dtype=self.dtype)
         if self.second_order is not None:
-            self.classifier = SecondOrderClassifier(self.num_classes, self.second_order, use_cls_token=False,
-                                                    dtype=self.dtype)
+            self.classifier = SecondOrderClassifier(
+                self.num_classes, self.second_order, use_cls_token=False, dtype=self.dtype
+            )
         else:
             self.head = dense(self.num_classes, dtype=jnp.float32)
 
@@ -315,12 +345,24 @@ _SOT_HEADS = {
 
 def _cfg(name: str) -> PretrainedCfg:
     file = f"{name}_patch4_window7_224.pth"
-    return PretrainedCfg(crop_pct=0.9, interpolation="bicubic", weights_keys=("model",), files=(file,),
-                         urls=(_SWIN_URL + file,), top1=_TOP1[name])
+    return PretrainedCfg(
+        crop_pct=0.9,
+        interpolation="bicubic",
+        weights_keys=("model",),
+        files=(file,),
+        urls=(_SWIN_URL + file,),
+        top1=_TOP1[name],
+    )
 
 
 for _name, _kw in _VARIANTS.items():
     register_variant(_name, "swin", _cfg(_name), Swin, **_kw)
 for _name, _head in _SOT_HEADS.items():
-    register_variant(f"{_name}_sot", "swin_sot", dataclasses.replace(_cfg(_name), top1=None), Swin,
-                     second_order=_head, **_VARIANTS[_name])
+    register_variant(
+        f"{_name}_sot",
+        "swin_sot",
+        dataclasses.replace(_cfg(_name), top1=None),
+        Swin,
+        second_order=_head,
+        **_VARIANTS[_name],
+    )

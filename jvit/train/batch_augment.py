@@ -52,8 +52,9 @@ def sample_erase_box(
     """
     k_apply, k_area, k_aspect, k_top, k_left = jax.random.split(key, 5)
     area = jax.random.uniform(k_area, (max_attempts,), minval=min_area, maxval=max_area) * (img_h * img_w)
-    log_aspect = jax.random.uniform(k_aspect, (max_attempts,), minval=math.log(min_aspect),
-                                    maxval=math.log(1 / min_aspect))
+    log_aspect = jax.random.uniform(
+        k_aspect, (max_attempts,), minval=math.log(min_aspect), maxval=math.log(1 / min_aspect)
+    )
     aspect = jnp.exp(log_aspect)
     h = jnp.round(jnp.sqrt(area * aspect)).astype(jnp.int32)
     w = jnp.round(jnp.sqrt(area / aspect)).astype(jnp.int32)
@@ -90,8 +91,16 @@ def random_erasing(
 
     def erase_one(k: jax.Array, image: jax.Array) -> jax.Array:
         k_box, k_noise = jax.random.split(k)
-        box = sample_erase_box(k_box, img_h, img_w, prob, min_area=min_area, max_area=max_area,
-                               min_aspect=min_aspect, max_attempts=max_attempts)
+        box = sample_erase_box(
+            k_box,
+            img_h,
+            img_w,
+            prob,
+            min_area=min_area,
+            max_area=max_area,
+            min_aspect=min_aspect,
+            max_attempts=max_attempts,
+        )
         rows = jnp.arange(img_h)
         cols = jnp.arange(img_w)
         in_rows = (rows >= box.top) & (rows < box.top + box.height)
@@ -160,10 +169,14 @@ def cutmix_box(img_h: int, img_w: int, lam: jax.Array, centre: jax.Array) -> jax
     cut_h = jnp.floor(img_h * ratio).astype(jnp.int32)
     cut_w = jnp.floor(img_w * ratio).astype(jnp.int32)
     cy, cx = centre[0], centre[1]
-    return jnp.stack([
-        jnp.clip(cy - cut_h // 2, 0, img_h), jnp.clip(cy + cut_h // 2, 0, img_h),
-        jnp.clip(cx - cut_w // 2, 0, img_w), jnp.clip(cx + cut_w // 2, 0, img_w),
-    ]).astype(jnp.int32)
+    return jnp.stack(
+        [
+            jnp.clip(cy - cut_h // 2, 0, img_h),
+            jnp.clip(cy + cut_h // 2, 0, img_h),
+            jnp.clip(cx - cut_w // 2, 0, img_w),
+            jnp.clip(cx + cut_w // 2, 0, img_w),
+        ]
+    ).astype(jnp.int32)
 
 
 def mixup_cutmix(
@@ -188,8 +201,9 @@ def mixup_cutmix(
     ``mixup_target(labels, K, lam, smoothing)``). Without mixing ``lam = 1`` and both pass through.
     """
     _, img_h, img_w, _ = images.shape
-    p = sample_mix_params(key, img_h, img_w, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
-                          prob=prob, switch_prob=switch_prob)
+    p = sample_mix_params(
+        key, img_h, img_w, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=prob, switch_prob=switch_prob
+    )
     yl, yh, xl, xh = cutmix_box(img_h, img_w, p.lam, p.centre)
     rows = jnp.arange(img_h)
     cols = jnp.arange(img_w)

@@ -95,11 +95,15 @@ class Checkpointer:
         self._failed = True
         cause = _root_cause(error)
         where = os.path.join(self.directory, str(step)) if step is not None else self.directory
-        reason = f"{cause.strerror} ({getattr(cause, 'filename', None) or where})" if isinstance(
-            cause, OSError) and cause.strerror else f"{type(cause).__name__}: {cause}"
+        reason = (
+            f"{cause.strerror} ({getattr(cause, 'filename', None) or where})"
+            if isinstance(cause, OSError) and cause.strerror
+            else f"{type(cause).__name__}: {cause}"
+        )
         return CheckpointWriteError(
             f"cannot write checkpoint {step} to {where}: {reason}. Stopping; the checkpoints saved before it are "
-            "intact and a rerun with the same --workdir resumes from the latest one once the directory is writable")
+            "intact and a rerun with the same --workdir resumes from the latest one once the directory is writable"
+        )
 
     def check(self) -> None:
         """Raise :class:`CheckpointWriteError` if a background save has failed (cheap: no waiting)."""
@@ -161,13 +165,20 @@ class Checkpointer:
                 return step, self.restore(step, abstract_state, iterator)
             except Exception as e:  # any failure to read or verify means the step cannot be trusted
                 aside = self._move_aside(step)
-                log.warning("checkpoint step %d in %s is damaged and was not used (%s: %s); moved it to %s and "
-                            "trying the previous step", step, self.directory, type(e).__name__,
-                            str(e).splitlines()[0][:300] if str(e) else "", aside)
+                log.warning(
+                    "checkpoint step %d in %s is damaged and was not used (%s: %s); moved it to %s and "
+                    "trying the previous step",
+                    step,
+                    self.directory,
+                    type(e).__name__,
+                    str(e).splitlines()[0][:300] if str(e) else "",
+                    aside,
+                )
         if steps:
             raise NoUsableCheckpointError(
                 f"none of the checkpoints {steps} in {self.directory} could be restored (see the warnings above); "
-                f"they were moved to {os.path.join(self.workdir, 'damaged_checkpoints')}. Rerunning starts afresh")
+                f"they were moved to {os.path.join(self.workdir, 'damaged_checkpoints')}. Rerunning starts afresh"
+            )
         return None
 
     def _move_aside(self, step: int) -> str:
@@ -209,7 +220,8 @@ def verify_state(state: Any, abstract_state: Any) -> None:
         name = jax.tree_util.keystr(path)
         if tuple(value.shape) != tuple(want.shape) or value.dtype != want.dtype:
             raise ValueError(
-                f"array {name} is {value.dtype}{list(value.shape)}, expected {want.dtype}{list(want.shape)}")
+                f"array {name} is {value.dtype}{list(value.shape)}, expected {want.dtype}{list(want.shape)}"
+            )
         if jnp.issubdtype(value.dtype, jnp.inexact):
             floating.append((name, value))
     finite = jax.device_get(jax.jit(lambda xs: [jnp.isfinite(x).all() for x in xs])([v for _, v in floating]))

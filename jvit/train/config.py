@@ -230,26 +230,46 @@ def _value_errors(c: ml_collections.ConfigDict) -> list[str]:
     if c.model.name not in list_models():
         errors.append(f"model.name={c.model.name!r} is not one of: {', '.join(list_models())}")
     _check(errors, c.model.dtype in DTYPES, f"model.dtype={c.model.dtype!r} is not one of: {', '.join(DTYPES)}")
-    _check(errors, c.model.batch_norm in ("per_device", "global"),
-           f"model.batch_norm={c.model.batch_norm!r} is not one of: per_device, global")
-    _check(errors, c.model.img_size is None or c.model.img_size > 0, f"model.img_size={c.model.img_size} must be positive")
-    _check(errors, c.model.num_classes is None or c.model.num_classes > 0,
-           f"model.num_classes={c.model.num_classes} must be positive")
+    _check(
+        errors,
+        c.model.batch_norm in ("per_device", "global"),
+        f"model.batch_norm={c.model.batch_norm!r} is not one of: per_device, global",
+    )
+    _check(
+        errors, c.model.img_size is None or c.model.img_size > 0, f"model.img_size={c.model.img_size} must be positive"
+    )
+    _check(
+        errors,
+        c.model.num_classes is None or c.model.num_classes > 0,
+        f"model.num_classes={c.model.num_classes} must be positive",
+    )
     _check(errors, c.batch_size > 0, f"batch_size={c.batch_size} must be positive")
     _check(errors, c.grad_accum_steps >= 1, f"grad_accum_steps={c.grad_accum_steps} must be >= 1")
-    _check(errors, c.grad_accum_steps >= 1 and c.batch_size % c.grad_accum_steps == 0,
-           f"batch_size={c.batch_size} is not divisible by grad_accum_steps={c.grad_accum_steps}")
-    _check(errors, c.eval_batch_size is None or c.eval_batch_size > 0,
-           f"eval_batch_size={c.eval_batch_size} must be positive")
+    _check(
+        errors,
+        c.grad_accum_steps >= 1 and c.batch_size % c.grad_accum_steps == 0,
+        f"batch_size={c.batch_size} is not divisible by grad_accum_steps={c.grad_accum_steps}",
+    )
+    _check(
+        errors,
+        c.eval_batch_size is None or c.eval_batch_size > 0,
+        f"eval_batch_size={c.eval_batch_size} must be positive",
+    )
     _check(errors, c.num_epochs > 0, f"num_epochs={c.num_epochs} must be positive")
     _check(errors, c.cooldown_epochs >= 0, f"cooldown_epochs={c.cooldown_epochs} must be >= 0")
-    _check(errors, c.num_train_steps is None or c.num_train_steps > 0,
-           f"num_train_steps={c.num_train_steps} must be positive")
+    _check(
+        errors,
+        c.num_train_steps is None or c.num_train_steps > 0,
+        f"num_train_steps={c.num_train_steps} must be positive",
+    )
     _check(errors, 0 <= c.ema.decay < 1, f"ema.decay={c.ema.decay} must be in [0, 1)")
     _check(errors, c.checkpoint.every_steps > 0, f"checkpoint.every_steps={c.checkpoint.every_steps} must be positive")
     _check(errors, c.checkpoint.keep >= 1, f"checkpoint.keep={c.checkpoint.keep} must be >= 1")
     _check(errors, c.log_every_steps > 0, f"log_every_steps={c.log_every_steps} must be positive")
-    _check(errors, c.eval_every_steps is None or c.eval_every_steps >= 0,
-           f"eval_every_steps={c.eval_every_steps} must be >= 0")
+    _check(
+        errors,
+        c.eval_every_steps is None or c.eval_every_steps >= 0,
+        f"eval_every_steps={c.eval_every_steps} must be >= 0",
+    )
     _check(errors, c.profile.num_steps > 0, f"profile.num_steps={c.profile.num_steps} must be positive")
     return errors

@@ -51,8 +51,10 @@ def check(dist: Any) -> list[str]:
         if dist.num_processes is None or dist.process_id is None:
             errors.append("distributed.coordinator_address needs distributed.num_processes and distributed.process_id")
     elif dist.num_processes is not None or dist.process_id is not None:
-        errors.append("distributed.num_processes/process_id need distributed.coordinator_address "
-                      "(leave all three unset to auto-detect a TPU pod / SLURM / Open MPI cluster)")
+        errors.append(
+            "distributed.num_processes/process_id need distributed.coordinator_address "
+            "(leave all three unset to auto-detect a TPU pod / SLURM / Open MPI cluster)"
+        )
     if dist.num_processes is not None and dist.num_processes < 1:
         errors.append(f"distributed.num_processes={dist.num_processes} must be >= 1")
     if dist.process_id is not None and dist.num_processes is not None and not 0 <= dist.process_id < dist.num_processes:
@@ -73,25 +75,46 @@ def initialize(dist: Any) -> None:
     errors = check(dist)
     if errors:
         raise ConfigError("; ".join(errors))
-    explicit = {"coordinator_address": dist.coordinator_address, "num_processes": dist.num_processes,
-                "process_id": dist.process_id} if dist.coordinator_address else {}
+    explicit = (
+        {
+            "coordinator_address": dist.coordinator_address,
+            "num_processes": dist.num_processes,
+            "process_id": dist.process_id,
+        }
+        if dist.coordinator_address
+        else {}
+    )
     local = tuple(dist.local_device_ids) or None
-    where = (f"coordinator {dist.coordinator_address} as process {dist.process_id} of {dist.num_processes}"
-             if explicit else "the auto-detected cluster (TPU pod / SLURM / Open MPI)")
+    where = (
+        f"coordinator {dist.coordinator_address} as process {dist.process_id} of {dist.num_processes}"
+        if explicit
+        else "the auto-detected cluster (TPU pod / SLURM / Open MPI)"
+    )
     log.info("joining %s (timeout %d s)", where, dist.initialization_timeout)
-    hint = ("check that every process was started with the same coordinator_address and num_processes, that "
-            "process 0 runs, and that the port is reachable from this host")
+    hint = (
+        "check that every process was started with the same coordinator_address and num_processes, that "
+        "process 0 runs, and that the port is reachable from this host"
+    )
     if explicit and dist.process_id != 0:
         _wait_for_coordinator(dist.coordinator_address, dist.initialization_timeout, where, hint)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     # jaxlib terminates the process itself (a C++ fatal error, not a Python exception) when the other
     # processes do not all register in time; this line is what that log's reader needs.
-    log.info("waiting up to %d s for all processes to register; a DEADLINE_EXCEEDED abort means one did not: %s",
-             dist.initialization_timeout, hint)
-    jax.distributed.initialize(**explicit, local_device_ids=local,
-                               initialization_timeout=int(dist.initialization_timeout))
-    log.info("process %d of %d: %d local / %d global devices", jax.process_index(), jax.process_count(),
-             jax.local_device_count(), jax.device_count())
+    log.info(
+        "waiting up to %d s for all processes to register; a DEADLINE_EXCEEDED abort means one did not: %s",
+        dist.initialization_timeout,
+        hint,
+    )
+    jax.distributed.initialize(
+        **explicit, local_device_ids=local, initialization_timeout=int(dist.initialization_timeout)
+    )
+    log.info(
+        "process %d of %d: %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
 
 
 def _wait_for_coordinator(address: str, timeout: float, where: str, hint: str) -> None:

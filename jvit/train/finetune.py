@@ -24,7 +24,6 @@ import ml_collections
 import optax
 
 import jvit.checkpoint
-
 from jvit.errors import ConfigError
 
 _BLOCK = re.compile(r"(?:^|/)(?:layers_(\d+)/)?blocks_(\d+)/")
@@ -100,8 +99,10 @@ def scale_updates(tx: optax.GradientTransformation, config: ml_collections.Confi
         scales = update_scales(updates, config)
         if o.trainable and not any(jax.tree.leaves(scales)):
             names = [_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(updates)]
-            raise ConfigError(f"optimizer.trainable={tuple(o.trainable)} matches no parameter; names look like "
-                              f"{names[:3] + names[-3:]}")
+            raise ConfigError(
+                f"optimizer.trainable={tuple(o.trainable)} matches no parameter; names look like "
+                f"{names[:3] + names[-3:]}"
+            )
         return jax.tree.map(lambda u, s: u * s if s != 1 else u, updates, scales), state
 
     return optax.chain(tx, optax.GradientTransformation(lambda params: optax.EmptyState(), update))

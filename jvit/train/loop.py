@@ -22,8 +22,8 @@ import jvit.checkpoint
 from jvit.data import pipeline, preprocess, sources
 from jvit.errors import ConfigError
 from jvit.train import config as config_lib
-from jvit.train import distributed
-from jvit.train import losses, optim, sharding, state as state_lib, steps
+from jvit.train import distributed, losses, optim, sharding, steps
+from jvit.train import state as state_lib
 from jvit.train import workdir as workdir_lib
 from jvit.train.checkpointing import Checkpointer
 from jvit.train.reporting import Reporter
@@ -90,15 +90,17 @@ class Experiment:
 
     def restore_target(self) -> Any:
         """The train state as ``ShapeDtypeStruct``s carrying their shardings (what a checkpoint restores into)."""
-        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract_state,
-                            self.state_shardings())
+        return jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract_state, self.state_shardings()
+        )
 
     def resolved_config(self) -> dict[str, Any]:
         """The config with every resolved value filled in, as written to ``<workdir>/config.json``."""
         resolved = self.config.to_dict()
         resolved["model"].update(img_size=self.img_size, num_classes=self.num_classes)
-        resolved["input"].update(mean=list(self.mean), std=list(self.std), crop_pct=self.crop_pct,
-                                 eval_interpolation=self.interpolation)
+        resolved["input"].update(
+            mean=list(self.mean), std=list(self.std), crop_pct=self.crop_pct, eval_interpolation=self.interpolation
+        )
         resolved["num_train_steps"] = self.total_steps
         if self.class_names is not None:
             resolved["classes"] = list(self.class_names)
@@ -157,8 +159,9 @@ def setup(config: ml_collections.ConfigDict, *, mode: str = "train", workdir: st
             class_names = next((s.class_names for s in eval_splits.values() if s.num_classes == num_classes), None)
     if config.model.num_classes:
         if train_split is not None and config.model.num_classes < train_split.num_classes:
-            raise ConfigError(f"model.num_classes={config.model.num_classes} < the dataset's {train_split.num_classes} "
-                              "classes")
+            raise ConfigError(
+                f"model.num_classes={config.model.num_classes} < the dataset's {train_split.num_classes} classes"
+            )
         if config.model.num_classes != num_classes:
             num_classes, class_names = config.model.num_classes, None
     for name, split in eval_splits.items():
@@ -189,14 +192,31 @@ def setup(config: ml_collections.ConfigDict, *, mode: str = "train", workdir: st
     crop_pct = config.input.crop_pct or pretrained.crop_pct
     interpolation = config.input.eval_interpolation or pretrained.interpolation
     return Experiment(
-        config=config, mode=mode, mesh=mesh, model=model, num_classes=num_classes, class_names=class_names,
-        img_size=img_size, crop_pct=crop_pct, interpolation=interpolation, mean=mean,
-        std=tuple(config.input.std) or pretrained.std, train_split=train_split, eval_splits=eval_splits,
+        config=config,
+        mode=mode,
+        mesh=mesh,
+        model=model,
+        num_classes=num_classes,
+        class_names=class_names,
+        img_size=img_size,
+        crop_pct=crop_pct,
+        interpolation=interpolation,
+        mean=mean,
+        std=tuple(config.input.std) or pretrained.std,
+        train_split=train_split,
+        eval_splits=eval_splits,
         train_preprocess=preprocess.train_preprocessor(config, img_size=img_size, mean=mean) if train_split else None,
-        eval_preprocess=preprocess.eval_preprocessor(config, img_size=img_size, crop_pct=crop_pct,
-                                                     interpolation=interpolation),
-        step_batch=step_batch, eval_batch=eval_batch, steps_per_epoch=steps_per_epoch,
-        updates_per_epoch=updates_per_epoch, total_steps=total, tx=tx, schedule=schedule, loss=loss,
+        eval_preprocess=preprocess.eval_preprocessor(
+            config, img_size=img_size, crop_pct=crop_pct, interpolation=interpolation
+        ),
+        step_batch=step_batch,
+        eval_batch=eval_batch,
+        steps_per_epoch=steps_per_epoch,
+        updates_per_epoch=updates_per_epoch,
+        total_steps=total,
+        tx=tx,
+        schedule=schedule,
+        loss=loss,
         abstract_state=abstract,
     )
 
@@ -217,10 +237,18 @@ def save_config(exp: Experiment, workdir: str) -> None:
             f.write(text + "\n")
         # The metadata a converted directory carries, so the run loads wherever one does (predict, init_from).
         jvit.checkpoint.write_run_metadata(
-            workdir, model=exp.config.model.name, num_classes=exp.num_classes, img_size=exp.img_size,
-            classes=exp.class_names, model_kwargs=exp.config.model.kwargs.to_dict(),
-            source=exp.config.init_from or "jvit.main", crop_pct=exp.crop_pct, interpolation=exp.interpolation,
-            mean=list(exp.mean), std=list(exp.std))
+            workdir,
+            model=exp.config.model.name,
+            num_classes=exp.num_classes,
+            img_size=exp.img_size,
+            classes=exp.class_names,
+            model_kwargs=exp.config.model.kwargs.to_dict(),
+            source=exp.config.init_from or "jvit.main",
+            crop_pct=exp.crop_pct,
+            interpolation=exp.interpolation,
+            mean=list(exp.mean),
+            std=list(exp.std),
+        )
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -240,8 +268,11 @@ def initial_state(exp: Experiment) -> state_lib.TrainState:
     fresh = jax.device_get(jax.jit(init)(rng))
     loaded = state_lib.load_pretrained(config)
     merged, reinit = state_lib.merge_pretrained(fresh, loaded, exp.num_classes)
-    log.info("initialised from %s%s", config.init_from,
-             f"; re-initialised for {exp.num_classes} classes: {', '.join(reinit)}" if reinit else "")
+    log.info(
+        "initialised from %s%s",
+        config.init_from,
+        f"; re-initialised for {exp.num_classes} classes: {', '.join(reinit)}" if reinit else "",
+    )
     return jax.jit(make_state, out_shardings=shardings)(merged)
 
 
@@ -255,15 +286,27 @@ def compiled_steps(exp: Experiment):
     # global ones; models without BatchNorm keep one global forward (identical either way).
     per_device = exp.config.model.batch_norm == "per_device" and "batch_stats" in exp.abstract_state.collections
     train = jax.jit(
-        functools.partial(steps.train_step, model=exp.model, tx=exp.tx, loss=exp.loss, config=exp.config,
-                          mean=exp.mean, std=exp.std, num_classes=exp.num_classes, batch_shards=exp.mesh.size,
-                          per_device_mesh=exp.mesh if per_device else None),
+        functools.partial(
+            steps.train_step,
+            model=exp.model,
+            tx=exp.tx,
+            loss=exp.loss,
+            config=exp.config,
+            mean=exp.mean,
+            std=exp.std,
+            num_classes=exp.num_classes,
+            batch_shards=exp.mesh.size,
+            per_device_mesh=exp.mesh if per_device else None,
+        ),
         in_shardings=(shardings, batch),
         out_shardings=(shardings, sharding.replicated(exp.mesh)),
         donate_argnums=0,
     )
-    evaluate = jax.jit(functools.partial(steps.eval_step, model=exp.model, mean=exp.mean, std=exp.std),
-                       out_shardings=sharding.replicated(exp.mesh), static_argnames="class_subset")
+    evaluate = jax.jit(
+        functools.partial(steps.eval_step, model=exp.model, mean=exp.mean, std=exp.std),
+        out_shardings=sharding.replicated(exp.mesh),
+        static_argnames="class_subset",
+    )
     return train, evaluate
 
 
@@ -280,8 +323,12 @@ def run_evals(exp: Experiment, eval_fn, state: state_lib.TrainState) -> dict[str
     results = {}
     for i, (split, source) in enumerate(exp.eval_splits.items()):
         sums = {name: None for name in models}
-        for local in pipeline.eval_batches(source.data, batch_size=exp.eval_batch, preprocess=exp.eval_preprocess,
-                                           num_threads=exp.config.input.num_threads):
+        for local in pipeline.eval_batches(
+            source.data,
+            batch_size=exp.eval_batch,
+            preprocess=exp.eval_preprocess,
+            num_threads=exp.config.input.num_threads,
+        ):
             batch = sharding.global_batch(local, exp.mesh)
             for name, variables in models.items():
                 out = eval_fn(variables, batch, class_subset=source.class_subset)
@@ -298,8 +345,9 @@ def run_evals(exp: Experiment, eval_fn, state: state_lib.TrainState) -> dict[str
     return results
 
 
-def _check_finite(step: int, metrics: dict[str, Any], last_checked: int, last_checkpoint: int | None,
-                  workdir: str) -> float:
+def _check_finite(
+    step: int, metrics: dict[str, Any], last_checked: int, last_checkpoint: int | None, workdir: str
+) -> float:
     """The loss of ``step``'s metrics; raises :class:`NonFiniteLossError` if any metric is not finite.
 
     Called only on logging, checkpoint and eval steps (fetching metrics syncs the host with the
@@ -307,11 +355,17 @@ def _check_finite(step: int, metrics: dict[str, Any], last_checked: int, last_ch
     """
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
     if not all(math.isfinite(v) for v in values.values()):
-        since = f" (first seen at this check; the previous one, at step {last_checked}, was finite)" if (
-            step - last_checked > 1) else ""
-        where = (f"the last checkpoint, step {last_checkpoint} in {os.path.join(workdir, 'checkpoints')}, was saved "
-                 "before it and is intact: rerunning resumes from it (lower the learning rate or check the input first)"
-                 if last_checkpoint is not None else "no checkpoint had been saved yet")
+        since = (
+            f" (first seen at this check; the previous one, at step {last_checked}, was finite)"
+            if (step - last_checked > 1)
+            else ""
+        )
+        where = (
+            f"the last checkpoint, step {last_checkpoint} in {os.path.join(workdir, 'checkpoints')}, was saved "
+            "before it and is intact: rerunning resumes from it (lower the learning rate or check the input first)"
+            if last_checkpoint is not None
+            else "no checkpoint had been saved yet"
+        )
         raise NonFiniteLossError(
             f"non-finite training values at step {step}: loss={values['loss']}, grad_norm={values['grad_norm']}, "
             f"param_norm={values['param_norm']}{since}; stopping. {where}"
@@ -359,8 +413,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     lock = workdir_lib.acquire(workdir, primary=jax.process_index() == 0)
     save_config(exp, workdir)
     iterator = pipeline.train_iterator(
-        exp.train_split.data, batch_size=exp.step_batch, preprocess=exp.train_preprocess, seed=config.seed,
-        repeated_aug=config.augment.repeated_aug, num_threads=config.input.num_threads,
+        exp.train_split.data,
+        batch_size=exp.step_batch,
+        preprocess=exp.train_preprocess,
+        seed=config.seed,
+        repeated_aug=config.augment.repeated_aug,
+        num_threads=config.input.num_threads,
         prefetch_batches=config.input.prefetch_batches,
     )
     batches = sharding.DevicePrefetch(iterator, exp.mesh, config.input.device_prefetch)
@@ -377,18 +435,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             lock.release()
             return workdir_lib.report_finished(workdir, latest)
     train_fn, eval_fn = compiled_steps(exp)
-    log.info("%s: %d classes at %dpx, %s params; %d steps of %d examples (%.1f steps/epoch) on a %s mesh",
-             config.model.name, exp.num_classes, exp.img_size, f"{jvit.count_params(state.params):,}",
-             exp.total_steps, exp.step_batch, exp.steps_per_epoch, dict(exp.mesh.shape))
+    log.info(
+        "%s: %d classes at %dpx, %s params; %d steps of %d examples (%.1f steps/epoch) on a %s mesh",
+        config.model.name,
+        exp.num_classes,
+        exp.img_size,
+        f"{jvit.count_params(state.params):,}",
+        exp.total_steps,
+        exp.step_batch,
+        exp.steps_per_epoch,
+        dict(exp.mesh.shape),
+    )
     if log.isEnabledFor(logging.DEBUG):
         log.debug("parameters:\n%s", parameter_overview.get_parameter_overview(state.params, include_stats=False))
 
     eval_every = config.eval_every_steps
     if eval_every is None:
         eval_every = max(1, round(exp.steps_per_epoch))
-    reporter = Reporter(workdir, exp.total_steps, primary=jax.process_index() == 0,
-                        log_every_steps=config.log_every_steps, profile_first_step=config.profile.first_step,
-                        profile_num_steps=config.profile.num_steps)
+    reporter = Reporter(
+        workdir,
+        exp.total_steps,
+        primary=jax.process_index() == 0,
+        log_every_steps=config.log_every_steps,
+        profile_first_step=config.profile.first_step,
+        profile_num_steps=config.profile.num_steps,
+    )
     step = int(state.step)
     last_checkpoint, last_loss, results = latest, float("nan"), {}
     last_checked = step  # metrics are fetched (a host sync) only on logging/checkpoint/eval steps
@@ -427,8 +498,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         lock.release()
         skipped = getattr(exp.train_split.data, "skipped", 0)
         if skipped:
-            log.warning("%d unreadable training images were skipped (each replaced by the next readable one); "
-                        "the warnings above name them", skipped)
+            log.warning(
+                "%d unreadable training images were skipped (each replaced by the next readable one); "
+                "the warnings above name them",
+                skipped,
+            )
     results = {"train/loss": last_loss, **results}
     _final_line(step, results, t0)
     return {"step": step, **results}

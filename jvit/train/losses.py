@@ -67,16 +67,31 @@ class SoftmaxXent:
     def check_model(model: nn.Module) -> None:
         """Any classifier returning logits in train mode fits."""
 
-    def targets(self, rng: jax.Array, images: jax.Array, batch: dict[str, jax.Array], *, model: nn.Module,
-                num_classes: int, batch_shards: int = 1) -> tuple[jax.Array, Targets, dict[str, Any]]:
+    def targets(
+        self,
+        rng: jax.Array,
+        images: jax.Array,
+        batch: dict[str, jax.Array],
+        *,
+        model: nn.Module,
+        num_classes: int,
+        batch_shards: int = 1,
+    ) -> tuple[jax.Array, Targets, dict[str, Any]]:
         """Smoothed one-hot ``targets["class"]``, mixed with the flipped batch when an alpha is set; each
         of the ``batch_shards`` device shards of the batch is mixed on its own."""
         del model
         target = soft_targets(batch["label"], num_classes, self.label_smoothing)
         if self.mixup_alpha or self.cutmix_alpha:
             images, target, _ = batch_augment.mixup_cutmix_per_shard(
-                rng, images, target, shards=batch_shards, mixup_alpha=self.mixup_alpha,
-                cutmix_alpha=self.cutmix_alpha, prob=self.mixup_prob, switch_prob=self.mixup_switch_prob)
+                rng,
+                images,
+                target,
+                shards=batch_shards,
+                mixup_alpha=self.mixup_alpha,
+                cutmix_alpha=self.cutmix_alpha,
+                prob=self.mixup_prob,
+                switch_prob=self.mixup_switch_prob,
+            )
         return images, {"class": target}, {}
 
     def __call__(self, outputs: Any, targets: Targets) -> jax.Array:
@@ -114,13 +129,15 @@ class TokenLabel:
     def validate(config: ml_collections.ConfigDict) -> list[str]:
         errors = []
         if config.augment.mixup_alpha or config.augment.cutmix_alpha:
-            errors.append("Mixup/CutMix with loss.name='token_label' is not supported "
-                          "(SP-ViT/LV-ViT train with MixToken instead)")
+            errors.append(
+                "Mixup/CutMix with loss.name='token_label' is not supported (SP-ViT/LV-ViT train with MixToken instead)"
+            )
         if config.input.token_label_dir and config.input.train_preprocess != "augment":
             errors.append("input.token_label_dir needs input.train_preprocess='augment'")
         if config.model.train_in_eval_mode:
-            errors.append("model.train_in_eval_mode cannot train loss.name='token_label' (the eval forward has no "
-                          "token outputs)")
+            errors.append(
+                "model.train_in_eval_mode cannot train loss.name='token_label' (the eval forward has no token outputs)"
+            )
         return errors
 
     def check_model(self, model: nn.Module) -> None:
@@ -133,11 +150,21 @@ class TokenLabel:
         try:
             return tuple(model.token_grid)
         except AttributeError:
-            raise TypeError(f"loss.name='token_label' needs a model with a token grid and an aux head "
-                            f"(SP-ViT); {type(model).__name__} has none") from None
+            raise TypeError(
+                f"loss.name='token_label' needs a model with a token grid and an aux head "
+                f"(SP-ViT); {type(model).__name__} has none"
+            ) from None
 
-    def targets(self, rng: jax.Array, images: jax.Array, batch: dict[str, jax.Array], *, model: nn.Module,
-                num_classes: int, batch_shards: int = 1) -> tuple[jax.Array, Targets, dict[str, Any]]:
+    def targets(
+        self,
+        rng: jax.Array,
+        images: jax.Array,
+        batch: dict[str, jax.Array],
+        *,
+        model: nn.Module,
+        num_classes: int,
+        batch_shards: int = 1,
+    ) -> tuple[jax.Array, Targets, dict[str, Any]]:
         """``class`` and ``lam`` targets, the dense ``image``/``crop``/``tokens`` targets when the batch
         carries score maps, and the MixToken box for ``model.apply`` (one box for the whole batch:
         MixToken swaps token regions inside the model, ``batch_shards`` is not used)."""
@@ -152,15 +179,25 @@ class TokenLabel:
         if "score_map" in batch:
             if rows != cols:
                 raise ValueError(f"dense token labels need a square token grid, got {(rows, cols)}")
-            targets.update(token_labels.dense_targets(
-                batch["score_map"], batch["crop_box"], batch["label"], num_classes=num_classes, label_size=rows,
-                smoothing=self.label_smoothing, transposed_crop=self.transposed_crop))
+            targets.update(
+                token_labels.dense_targets(
+                    batch["score_map"],
+                    batch["crop_box"],
+                    batch["label"],
+                    num_classes=num_classes,
+                    label_size=rows,
+                    smoothing=self.label_smoothing,
+                    transposed_crop=self.transposed_crop,
+                )
+            )
         return images, targets, apply_kwargs
 
     def __call__(self, outputs: Any, targets: Targets) -> jax.Array:
         if not isinstance(outputs, (tuple, list)) or len(outputs) != 2:
-            raise TypeError("loss.name='token_label' needs a model returning (cls_logits, aux_logits) in train "
-                            "mode, e.g. SP-ViT with its aux head; use loss.name='softmax_xent' for plain logits")
+            raise TypeError(
+                "loss.name='token_label' needs a model returning (cls_logits, aux_logits) in train "
+                "mode, e.g. SP-ViT with its aux head; use loss.name='softmax_xent' for plain logits"
+            )
         cls_logits, aux_logits = (o.astype(jnp.float32) for o in outputs)
         dense = {k: targets[k] for k in ("image", "crop", "tokens") if k in targets}
         return token_labels.token_label_loss(cls_logits, aux_logits, dense or targets["class"], targets["lam"])

@@ -9,7 +9,8 @@ other collections (BatchNorm statistics, frozen tables) never reach the optimize
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -113,7 +114,9 @@ def weight_decay_mask(params: Any, config: ml_collections.ConfigDict) -> Any:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(config: ml_collections.ConfigDict, updates_per_epoch: float) -> tuple[optax.GradientTransformation, Schedule]:
+def make_optimizer(
+    config: ml_collections.ConfigDict, updates_per_epoch: float
+) -> tuple[optax.GradientTransformation, Schedule]:
     """The optax transformation for ``params`` and its lr schedule (indexed by optimizer update).
 
     Gradient accumulation wraps everything in ``optax.MultiSteps``: the inner optimizer (and so the
@@ -121,8 +124,14 @@ def make_optimizer(config: ml_collections.ConfigDict, updates_per_epoch: float) 
     """
     o = config.optimizer
     schedule = lr_schedule(config, updates_per_epoch)
-    tx = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                     mask=lambda params: weight_decay_mask(params, config))
+    tx = optax.adamw(
+        schedule,
+        b1=o.b1,
+        b2=o.b2,
+        eps=o.eps,
+        weight_decay=o.weight_decay,
+        mask=lambda params: weight_decay_mask(params, config),
+    )
     if o.clip_grad_norm:
         tx = optax.chain(optax.clip_by_global_norm(o.clip_grad_norm), tx)
     tx = finetune.scale_updates(tx, config)

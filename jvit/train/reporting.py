@@ -6,7 +6,8 @@ import datetime
 import json
 import logging
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from clu import metric_writers, periodic_actions
 
@@ -33,18 +34,33 @@ class Reporter:
     logging steps; an optional ``periodic_actions.Profile`` writes a ``jax.profiler`` trace.
     """
 
-    def __init__(self, workdir: str, total_steps: int, *, primary: bool, log_every_steps: int,
-                 profile_first_step: int = 0, profile_num_steps: int = 5):
+    def __init__(
+        self,
+        workdir: str,
+        total_steps: int,
+        *,
+        primary: bool,
+        log_every_steps: int,
+        profile_first_step: int = 0,
+        profile_num_steps: int = 5,
+    ):
         self.total_steps, self.primary = total_steps, primary
         self.tensorboard = metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard")) if primary else None
         self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if primary else None
         self.console = metric_writers.LoggingWriter()
         self._rate = _Rate()
-        self._progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=self._rate,
-                                                         every_steps=log_every_steps, every_secs=None)
-        self._profile = (periodic_actions.Profile(logdir=os.path.join(workdir, "profile"),
-                                                  first_profile=profile_first_step, num_profile_steps=profile_num_steps)
-                         if profile_first_step and primary else None)
+        self._progress = periodic_actions.ReportProgress(
+            num_train_steps=total_steps, writer=self._rate, every_steps=log_every_steps, every_secs=None
+        )
+        self._profile = (
+            periodic_actions.Profile(
+                logdir=os.path.join(workdir, "profile"),
+                first_profile=profile_first_step,
+                num_profile_steps=profile_num_steps,
+            )
+            if profile_first_step and primary
+            else None
+        )
 
     def scalars(self, step: int, values: Mapping[str, float], *, console: bool = False) -> None:
         """Write ``values`` at ``step`` to the files (and the console)."""
@@ -76,8 +92,15 @@ class Reporter:
             values["train/img_per_sec"] = batch_size * rate
             eta = datetime.timedelta(seconds=round((self.total_steps - step) / rate))
             speed = f" img/s {values['train/img_per_sec']:.1f} eta {eta}"
-        log.info("step %d/%d (%.1f%%) loss %.4f lr %.3e%s", step, self.total_steps, 100.0 * step / self.total_steps,
-                 loss, lr, speed)
+        log.info(
+            "step %d/%d (%.1f%%) loss %.4f lr %.3e%s",
+            step,
+            self.total_steps,
+            100.0 * step / self.total_steps,
+            loss,
+            lr,
+            speed,
+        )
         self.scalars(step, values)
 
     def close(self) -> None:

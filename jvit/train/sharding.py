@@ -95,7 +95,9 @@ class DevicePrefetch:
         self._iterator, self._mesh, self._size = iterator, mesh, size
         self._state = iterator.get_state()
         self._queue: collections.deque[concurrent.futures.Future] = collections.deque()
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="device_prefetch") if size else None
+        self._executor = (
+            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="device_prefetch") if size else None
+        )
 
     def _fetch(self) -> tuple[dict[str, jax.Array], Any]:
         local = next(self._iterator)

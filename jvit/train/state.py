@@ -61,8 +61,9 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
     """``jvit.create_model(model.name, num_classes, model.img_size, **model.kwargs)``."""
-    return jvit.create_model(config.model.name, num_classes=num_classes, img_size=config.model.img_size,
-                             **model_kwargs(config))
+    return jvit.create_model(
+        config.model.name, num_classes=num_classes, img_size=config.model.img_size, **model_kwargs(config)
+    )
 
 
 def ema_of(variables: dict[str, Any], config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -73,7 +74,9 @@ def ema_of(variables: dict[str, Any], config: ml_collections.ConfigDict) -> dict
     return {k: jax.tree.map(jnp.copy, variables[k]) for k in names}
 
 
-def new_state(variables: dict[str, Any], tx: optax.GradientTransformation, config: ml_collections.ConfigDict) -> TrainState:
+def new_state(
+    variables: dict[str, Any], tx: optax.GradientTransformation, config: ml_collections.ConfigDict
+) -> TrainState:
     """Step 0 from initial variables (pure; jitted by the caller with the state's shardings)."""
     params = variables["params"]
     return TrainState(
@@ -97,12 +100,17 @@ def load_pretrained(config: ml_collections.ConfigDict) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise ConfigError(f"config.init_from={config.init_from!r}: no such file or directory")
     return jvit.convert.load_torch_checkpoint(
-        path, config.model.name, img_size=config.model.img_size, weights_key=config.init_weights_key or None,
+        path,
+        config.model.name,
+        img_size=config.model.img_size,
+        weights_key=config.init_weights_key or None,
         **model_kwargs(config),
     )
 
 
-def merge_pretrained(fresh: dict[str, Any], loaded: dict[str, Any], num_classes: int) -> tuple[dict[str, Any], list[str]]:
+def merge_pretrained(
+    fresh: dict[str, Any], loaded: dict[str, Any], num_classes: int
+) -> tuple[dict[str, Any], list[str]]:
     """``fresh`` with every leaf replaced by ``loaded``'s, except classifier leaves whose class
     dimension differs (those keep their fresh init). Returns ``(variables, reinitialised names)``.
 

@@ -2,7 +2,8 @@
 
 The device half of the augmentation happens here, on the normalised batch and in the original's
 order: random erasing (per image), then the loss's targets: Mixup/CutMix (per device shard of the
-batch) on smoothed one-hot targets, or for token labeling the dense targets and the MixToken box. Every random draw comes from
+batch) on smoothed one-hot targets, or for token labeling the dense targets and the MixToken box. Every random draw
+comes from
 ``fold_in(key(seed), step)``, so a resumed run replays its steps exactly.
 """
 
@@ -16,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -70,15 +70,21 @@ def train_step(
     images = normalize(batch["image"], mean, std)
     if config.augment.random_erasing:
         images = batch_augment.random_erasing(erase_key, images, config.augment.random_erasing)
-    images, targets, apply_kwargs = loss.targets(target_key, images, batch, model=model, num_classes=num_classes,
-                                                 batch_shards=batch_shards)
+    images, targets, apply_kwargs = loss.targets(
+        target_key, images, batch, model=model, num_classes=num_classes, batch_shards=batch_shards
+    )
     mutable = [k for k in state.collections if k != "frozen"]
 
     def loss_and_grads(params, collections, images, targets, apply_kwargs, rng):
         def loss_of(params):
-            outputs, updates = model.apply({"params": params, **collections}, images,
-                                           train=not config.model.train_in_eval_mode, rngs={"dropout": rng},
-                                           mutable=mutable, **apply_kwargs)
+            outputs, updates = model.apply(
+                {"params": params, **collections},
+                images,
+                train=not config.model.train_in_eval_mode,
+                rngs={"dropout": rng},
+                mutable=mutable,
+                **apply_kwargs,
+            )
             return loss(outputs, targets).mean(), updates
 
         return jax.value_and_grad(loss_of, has_aux=True)(params)
@@ -121,7 +127,8 @@ def _per_device(loss_and_grads, mesh: Mesh):
         target_specs = jax.tree.map(lambda t: batch_spec if jnp.ndim(t) else P(), targets)
         specs = (P(), P(), batch_spec, target_specs, P(), P())
         return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=False)(
-            params, collections, images, targets, apply_kwargs, rng)
+            params, collections, images, targets, apply_kwargs, rng
+        )
 
     return run
 

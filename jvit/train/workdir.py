@@ -112,8 +112,10 @@ def acquire(workdir: str, *, primary: bool = True) -> WorkdirLock:
                 raise
             holder = _read_holder(fd)
             os.close(fd)
-            raise WorkdirError(f"--workdir {workdir} is in use by another run ({_describe(holder)}); "
-                               f"wait for it to finish or use another workdir") from None
+            raise WorkdirError(
+                f"--workdir {workdir} is in use by another run ({_describe(holder)}); "
+                f"wait for it to finish or use another workdir"
+            ) from None
         try:
             same_file = os.fstat(fd).st_ino == os.stat(path).st_ino
         except FileNotFoundError:
@@ -124,12 +126,15 @@ def acquire(workdir: str, *, primary: bool = True) -> WorkdirLock:
     previous = _read_holder(fd)
     if previous:
         if previous.get("host") == host and isinstance(previous.get("pid"), int) and not _pid_alive(previous["pid"]):
-            log.warning("taking over the stale lock of a run that is no longer alive (%s) in %s",
-                        _describe(previous), workdir)
+            log.warning(
+                "taking over the stale lock of a run that is no longer alive (%s) in %s", _describe(previous), workdir
+            )
         elif previous.get("host") != host:
             os.close(fd)
-            raise WorkdirError(f"--workdir {workdir} has a lock from another host ({_describe(previous)}) that "
-                               f"cannot be checked from here; if that run is gone, delete {path}")
+            raise WorkdirError(
+                f"--workdir {workdir} has a lock from another host ({_describe(previous)}) that "
+                f"cannot be checked from here; if that run is gone, delete {path}"
+            )
     start = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     os.ftruncate(fd, 0)
     os.lseek(fd, 0, os.SEEK_SET)
@@ -154,8 +159,12 @@ def report_finished(workdir: str, step: int) -> dict[str, Any]:
                 if record.get("step", 0) <= step:
                     last.update({k: v for k, v in record.items() if k != "step"})
     keep = {k: v for k, v in last.items() if k == "train/loss" or k.startswith("eval")}
-    log.info("the run in %s already finished (step %d = num_train_steps); nothing to train. To train longer, raise "
-             "num_train_steps (or num_epochs); to start over, use a new --workdir", workdir, step)
+    log.info(
+        "the run in %s already finished (step %d = num_train_steps); nothing to train. To train longer, raise "
+        "num_train_steps (or num_epochs); to start over, use a new --workdir",
+        workdir,
+        step,
+    )
     summary = " ".join(f"{k}={v:.4f}" for k, v in keep.items()) or "(no metrics recorded)"
     print(f"final: step={step} {summary} (already finished)", flush=True)
     return {"step": step, **keep}
