@@ -50,13 +50,16 @@ def nchw_to_nhwc(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
 
 
-def apply_with_intermediates(model, variables, images_nhwc) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Eval-mode logits and every sown intermediate, keyed by its (last) name."""
+def apply_with_intermediates(
+    model, variables, images_nhwc, by_path: bool = False
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Eval-mode logits and every sown intermediate, keyed by its last name (``by_path``: by its
+    ``/``-joined module path, e.g. ``blocks_3/out``, the scheme of :mod:`jvit.models`)."""
     fn = jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=["intermediates"]))
     logits, state = fn(variables, images_nhwc)
     inter: dict[str, np.ndarray] = {}
     for path, value in traverse_util.flatten_dict(state.get("intermediates", {})).items():
-        name = path[-1]
+        name = "/".join(path) if by_path else path[-1]
         if name in inter:
             raise AssertionError(f"intermediate {name!r} is sown twice ({'/'.join(path)})")
         inter[name] = np.asarray(value[0])

@@ -370,6 +370,36 @@ class Block(nn.Module):
         return x + drop_path(y, train)
 
 
+REMAT_POLICIES = ("none", "block", "dots")
+
+
+def remat(module: type[nn.Module], policy: str, static_argnums: tuple[int, ...] = (2,)) -> type[nn.Module]:
+    """``module`` with its activations rematerialised in the backward pass (Chen et al., 2016).
+
+    ``policy`` is the ``model.remat`` option every family takes:
+
+    * ``'none'``: ``module`` unchanged; every activation is kept for the backward pass.
+    * ``'block'``: only the module's inputs are kept, its whole forward is recomputed in the backward
+      pass (the least memory: one block's activations live at a time).
+    * ``'dots'``: matmul outputs without batch dimensions (the linear layers) are kept and the
+      rest (norms, activations, attention probabilities) is recomputed
+      (``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``).
+
+    Parameter names and values are the same under every policy (checkpoints and converters do
+    not see it) and so are the gradients, up to float reassociation. ``static_argnums`` counts
+    ``self`` as 0: the default marks ``train`` in ``__call__(self, x, train)`` static.
+    """
+    if policy == "none":
+        return module
+    if policy == "block":
+        return nn.remat(module, static_argnums=static_argnums)
+    if policy == "dots":
+        return nn.remat(
+            module, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable, static_argnums=static_argnums
+        )
+    raise ValueError(f"remat={policy!r} is not one of: {', '.join(REMAT_POLICIES)}")
+
+
 def sinusoid_table(num_positions: int, dim: int) -> np.ndarray:
     """The fixed sinusoid position table of Vaswani et al. (2017, Sec. 3.5), ``[1, P, dim]``.
 
