@@ -25,8 +25,9 @@ import jvit.checkpoint
 import jvit.convert
 import jvit.utils
 from jvit.data import pipeline
+from jvit.data.inference import normalize
 from jvit.errors import ConfigError
-from jvit.train import batch_augment, loop, losses, optim, sharding, steps
+from jvit.train import batch_augment, loop, losses, optim, sharding
 from jvit.train import config as config_lib
 from jvit.train import state as state_lib
 
@@ -509,7 +510,7 @@ def test_batch_norm_statistics_are_per_device_by_default():
     model has; ``model.batch_norm='global'`` (SyncBN) all-reduces inside every BatchNorm."""
     exp, state, batch = _tiny_stvit()
     variables = jax.device_get(state.variables())
-    images = np.asarray(steps.normalize(np.asarray(batch["image"]), exp.mean, exp.std))
+    images = np.asarray(normalize(np.asarray(batch["image"]), exp.mean, exp.std))
     labels = np.asarray(batch["label"])
     per_shard = []
     for rows in np.split(np.arange(16), 8):

@@ -20,15 +20,10 @@ import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from jvit.data.inference import normalize
 from jvit.train import batch_augment, optim, sharding
 from jvit.train.losses import SoftmaxXent, TokenLabel
 from jvit.train.state import TrainState
-
-
-def normalize(images: jax.Array, mean: tuple[float, ...], std: tuple[float, ...]) -> jax.Array:
-    """uint8 ``[B, H, W, 3]`` -> float32 ``(x / 255 - mean) / std`` (torchvision ToTensor + Normalize)."""
-    x = images.astype(jnp.float32) / 255.0
-    return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
 def train_step(
