@@ -20,8 +20,9 @@ Every model, whatever its family, has the same shape:
 * **Intermediates** (``model.apply(..., mutable=['intermediates'])``), one naming scheme; paths are
   module paths joined by ``/``:
 
-  ``patch_embed``
-      the token embedding's output, before prefix tokens and position embeddings;
+  ``patch_embed/out``
+      the token embedding's output, before prefix tokens and position embeddings (sown by the
+      embedding module itself: a parent cannot sow under the name of its own sub-module);
   ``blocks_<i>/out`` (multi-stage models: ``layers_<s>/blocks_<i>/out``)
       the output of transformer block ``i``;
   ``tokens``
