@@ -63,7 +63,7 @@ def spvit_priors(inter: dict[str, np.ndarray]) -> dict[int, np.ndarray]:
 
 def hvt_stage_tokens(inter: dict[str, np.ndarray]) -> list[np.ndarray]:
     """The token sequences ``[B, L, C]`` entering the blocks and leaving each block, in order."""
-    outs = {int(m[1]): v for k, v in inter.items() if (m := re.fullmatch(r"blocks_(\d+)(?:_out|/out)", k))}
+    outs = {int(m[1]): v for k, v in inter.items() if (m := re.fullmatch(r"blocks_(\d+)/out", k))}
     return [inter["tokens_in"]] + [outs[i] for i in sorted(outs)]
 
 

@@ -51,9 +51,16 @@ def case_model(meta: dict) -> tuple[str, dict]:
     return "hvt_ti_1", kw
 
 
+# Fixture intermediate names -> jvit's module paths (jvit.models' naming scheme).
+FIXTURE_NAMES = {"patch_embed_out": "patch_embed/out", "final_norm_out": "tokens"}
+
+
 def jvit_key(fixture_key: str) -> str:
-    """Fixture intermediate name -> jvit's sown name (``block_03_out`` -> ``blocks_3_out``)."""
-    return re.sub(r"^block_(\d+)_", lambda m: f"blocks_{int(m[1])}_", fixture_key)
+    """Fixture intermediate name -> jvit's sown path (``block_03_out`` -> ``blocks_3/out``,
+    ``block_00_prepool`` -> ``blocks_0/prepool``)."""
+    if fixture_key in FIXTURE_NAMES:
+        return FIXTURE_NAMES[fixture_key]
+    return re.sub(r"^block_(\d+)_(out|prepool)$", lambda m: f"blocks_{int(m[1])}/{m[2]}", fixture_key)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -62,7 +69,7 @@ def test_parity(case):
     name, kw = case_model(meta)
     variables = jvit.convert.load_torch_checkpoint(ckpt, name, img_size=meta["img_size"], **kw)
     model = jvit.create_model(name, num_classes=meta["num_classes"], img_size=meta["img_size"], **kw)
-    logits, inter = apply_with_intermediates(model, variables, nchw_to_nhwc(io["images"]))
+    logits, inter = apply_with_intermediates(model, variables, nchw_to_nhwc(io["images"]), by_path=True)
     refs = {k: v for k, v in io.items() if k not in ("images", "logits")}
     # Every intermediate the original recorded is compared (none silently skipped), and jvit sows
     # exactly the same set: a pooling block that pools too much or too little shows up here.

@@ -35,6 +35,7 @@ from jvit.models.layers import (
     dense,
     drop_path_rates,
     layer_norm,
+    remat,
     tokens_from_map,
     trunc_normal_02,
 )
@@ -77,6 +78,9 @@ class PatchEmbed(nn.Module):
     """Non-overlapping ``P x P`` patches, linearly embedded (a stride-``P`` conv), flattened row-major.
 
     Images ``[B, S, S, 3]`` -> tokens ``[B, (S // P)^2, C]`` (Dosovitskiy et al., 2021, Eq. 1).
+
+    Intermediates sown: ``out``, the tokens (the model's ``patch_embed/out``: flax reserves the name
+    ``patch_embed`` for this module, so the parent cannot sow a value under it).
     """
 
     embed_dim: int
@@ -87,7 +91,9 @@ class PatchEmbed(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         p = self.patch_size
         x = conv2d(self.embed_dim, p, in_features=x.shape[-1], stride=p, name="proj", dtype=self.dtype)(x)
-        return tokens_from_map(x)
+        x = tokens_from_map(x)
+        self.sow("intermediates", "out", x)
+        return x
 
 
 class HVTBlock(Block):
@@ -100,7 +106,8 @@ class HVTBlock(Block):
     residual, with no norm or projection around it; ``pos_embed`` ``[1, L_out, C]`` is this block's
     own learned embedding of the pooled sequence.
 
-    Intermediates sown (pooling blocks only): ``<name>_prepool``, the block output before pooling.
+    Intermediates sown: ``out``, the block's output (pooled, with the stage pos-embed added, in a
+    pooling block), and in pooling blocks only ``prepool``, the output before pooling.
     """
 
     downsample: bool = False
@@ -110,12 +117,13 @@ class HVTBlock(Block):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         x = super().__call__(x, train)
-        if not self.downsample:
-            return x
-        self.sow("intermediates", f"{self.name}_prepool", x)
-        x = max_pool_tokens(x, self.pool_kernel_size, self.pool_stride)
-        pos_embed = self.param("pos_embed", trunc_normal_02, (1,) + x.shape[1:], jnp.float32)
-        return x + pos_embed.astype(x.dtype)
+        if self.downsample:
+            self.sow("intermediates", "prepool", x)
+            x = max_pool_tokens(x, self.pool_kernel_size, self.pool_stride)
+            pos_embed = self.param("pos_embed", trunc_normal_02, (1,) + x.shape[1:], jnp.float32)
+            x = x + pos_embed.astype(x.dtype)
+        self.sow("intermediates", "out", x)
+        return x
 
 
 class HVT(nn.Module):
@@ -130,15 +138,25 @@ class HVT(nn.Module):
       ``floor((L - k) / s) + 1``);
     * ``pool_block_width``: blocks per stage; block ``i`` pools iff ``i % pool_block_width == 0``.
       ``0`` means no pooling at all (HVT-S-0, which the original factory cannot express);
-    * ``num_classes``: ``0`` returns the pooled features (the original's ``Identity`` head).
+    * ``num_classes``: ``0`` returns the pooled features (the original's ``Identity`` head);
+    * ``remat``: ``'none' | 'block' | 'dots'``, activation rematerialisation of every block
+      (:func:`jvit.models.layers.remat`).
 
     ``drop_rate`` is dropout after the pos-embed, attention projection and MLP layers;
     ``drop_path_rate`` the stochastic depth of the last block (linear from 0; the recipe uses 0.1).
     The model only accepts ``img_size x img_size`` inputs: every pos-embed has a fixed length and
-    the original never resizes them.
+    the original never resizes them. The model has no ``token_grid``: the 1-D pooling windows cross
+    image rows, so the pooled tokens form no grid (only HVT-S-0's unpooled tokens would).
 
-    Intermediates sown: ``patch_embed_out``, ``tokens_in`` (after the global pos-embed),
-    ``blocks_<i>_prepool`` (pooling blocks), ``blocks_<i>_out``, ``final_norm_out``, ``features``.
+    Parameters mirror the original's state dict (``patch_embed``, ``pos_embed``, ``blocks_<i>`` with
+    ``blocks_<i>/pos_embed`` in pooling blocks, ``norm``, ``head``).
+
+    Intermediates sown (the scheme of :mod:`jvit.models`): ``patch_embed/out`` (the scheme's
+    ``patch_embed``, under the module that computes it), ``tokens_in`` (HVT's own:
+    the patch tokens plus the global pos-embed, the sequence entering block 0 and the first stage of
+    :func:`jvit.viz.hvt_stage_tokens`), ``blocks_<i>/out``, ``blocks_<i>/prepool`` (pooling blocks:
+    the output before the max pool), ``tokens`` (the final-LayerNorm tokens) and ``features`` (their
+    mean, what the head reads).
     """
 
     num_classes: int = 1000
@@ -153,6 +171,7 @@ class HVT(nn.Module):
     pool_block_width: int = 12
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    remat: str = "none"
     dtype: Dtype = jnp.float32
 
     def setup(self):
@@ -164,23 +183,24 @@ class HVT(nn.Module):
         if self.img_size < self.patch_size:
             raise ValueError(f"HVT: img_size {self.img_size} is smaller than patch_size {self.patch_size}")
         self.token_counts = token_counts(
-            self.img_size,
-            self.patch_size,
-            self.num_blocks,
-            self.pool_kernel_size,
-            self.pool_stride,
-            self.pool_block_width,
+            img_size=self.img_size,
+            patch_size=self.patch_size,
+            num_blocks=self.num_blocks,
+            pool_kernel_size=self.pool_kernel_size,
+            pool_stride=self.pool_stride,
+            pool_block_width=self.pool_block_width,
         )
         dim = self.num_heads * self.head_dim
-        self.patch_embed = PatchEmbed(dim, self.patch_size, dtype=self.dtype)
+        self.patch_embed = PatchEmbed(embed_dim=dim, patch_size=self.patch_size, dtype=self.dtype)
         self.pos_embed = self.param("pos_embed", trunc_normal_02, (1, self.token_counts[0], dim), jnp.float32)
-        self.pos_drop = nn.Dropout(self.drop_rate)
+        self.pos_drop = nn.Dropout(rate=self.drop_rate)
         rates = drop_path_rates(self.drop_path_rate, self.num_blocks)
         w = self.pool_block_width
+        block = remat(HVTBlock, self.remat)
         self.blocks = [
-            HVTBlock(
-                self.num_heads,
-                self.mlp_ratio,
+            block(
+                num_heads=self.num_heads,
+                mlp_ratio=self.mlp_ratio,
                 qkv_bias=True,
                 drop=self.drop_rate,
                 drop_path=rates[i],
@@ -198,50 +218,68 @@ class HVT(nn.Module):
             self.head = dense(self.num_classes, dtype=jnp.float32)
 
     def forward_features(self, images: jax.Array, train: bool = False) -> jax.Array:
-        """Images ``[B, S, S, 3]`` -> final-LayerNorm tokens ``[B, L_last, C]``."""
+        """Images ``[B, S, S, 3]`` -> final-LayerNorm tokens ``[B, L_last, C]`` (no class token; the raster
+        order of the pooled sequence)."""
         check_image(images, self.img_size, type(self).__name__)
         x = self.patch_embed(images.astype(self.dtype))
-        self.sow("intermediates", "patch_embed_out", x)
         x = x + self.pos_embed.astype(x.dtype)
         self.sow("intermediates", "tokens_in", x)
         x = self.pos_drop(x, deterministic=not train)
         for block in self.blocks:
             x = block(x, train)
-            self.sow("intermediates", f"{block.name}_out", x)
         x = self.norm(x)
-        self.sow("intermediates", "final_norm_out", x)
+        self.sow("intermediates", "tokens", x)
         return x
 
-    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
-        """Images ``[B, S, S, 3]`` (normalised, NHWC) -> logits ``[B, num_classes]`` (features if 0 classes).
+    def forward_head(self, tokens: jax.Array, train: bool = False) -> jax.Array:
+        """Tokens ``[B, L, C]`` -> float32 logits ``[B, num_classes]`` (the features ``[B, C]`` with 0 classes).
 
-        The features are the mean of all remaining tokens after the final LayerNorm (Pan et al., Fig. 2);
-        features and logits are computed in float32 whatever the compute dtype.
+        The features are the mean of all tokens (Pan et al., Fig. 2; there is no class token), computed
+        in float32 whatever the compute dtype.
         """
-        x = self.forward_features(images, train).astype(jnp.float32).mean(axis=1)
-        self.sow("intermediates", "features", x)
-        return self.head(x) if self.num_classes else x
+        del train  # no dropout before the head in the original
+        features = tokens.astype(jnp.float32).mean(axis=1)
+        self.sow("intermediates", "features", features)
+        return self.head(features) if self.num_classes else features
+
+    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+        """Images ``[B, S, S, 3]`` (normalised, NHWC) -> float32 logits ``[B, num_classes]``."""
+        return self.forward_head(self.forward_features(images, train), train)
 
 
 # ---------------------------------------------------------------------------------------------
 # Official variants (all: 224 px, patch 16, head_dim 64, 12 blocks, pool kernel 3 / stride 2)
 # ---------------------------------------------------------------------------------------------
 
-# name: (num_heads, pool_block_width, released file under the GitHub releases, paper top-1 %)
-# Files and top-1 from the README of github.com/zhuang-group/HVT (ImageNet table); sha256 not published.
-_VARIANTS: dict[str, tuple[int, int, str, float]] = {
-    "hvt_ti_1": (3, 12, "v1.0/hvt_ti_1.pth", 69.64),
-    "hvt_s_0": (6, 0, "v1.0/hvt_s_0.pth", 80.39),
-    "hvt_s_1": (6, 12, "v1.1/hvt_s_1.pth", 78.00),
-    "hvt_s_2": (6, 6, "v1.0/hvt_s_2.pth", 77.36),
-    "hvt_s_3": (6, 4, "v1.0/hvt_s_3.pth", 76.32),
-    "hvt_s_4": (6, 3, "v1.0/scale_hvt_ti_4.pth", 75.23),
+_VARIANTS = {
+    "hvt_ti_1": dict(num_heads=3, pool_block_width=12),
+    "hvt_s_0": dict(num_heads=6, pool_block_width=0),
+    "hvt_s_1": dict(num_heads=6, pool_block_width=12),
+    "hvt_s_2": dict(num_heads=6, pool_block_width=6),
+    "hvt_s_3": dict(num_heads=6, pool_block_width=4),
+    "hvt_s_4": dict(num_heads=6, pool_block_width=3),
     # "Scale HVT-Ti-4" of the README is the same 384-wide model (and file) as HVT-S-4.
-    "scale_hvt_ti_4": (6, 3, "v1.0/scale_hvt_ti_4.pth", 75.23),
+    "scale_hvt_ti_4": dict(num_heads=6, pool_block_width=3),
 }
-_RELEASES = "https://github.com/zhuang-group/HVT/releases/download/"
+
+# name: (released file under the GitHub releases, paper top-1 %).
+# Files and top-1 from the README of github.com/zhuang-group/HVT (ImageNet table); sha256 not published.
+_RELEASES = {
+    "hvt_ti_1": ("v1.0/hvt_ti_1.pth", 69.64),
+    "hvt_s_0": ("v1.0/hvt_s_0.pth", 80.39),
+    "hvt_s_1": ("v1.1/hvt_s_1.pth", 78.00),
+    "hvt_s_2": ("v1.0/hvt_s_2.pth", 77.36),
+    "hvt_s_3": ("v1.0/hvt_s_3.pth", 76.32),
+    "hvt_s_4": ("v1.0/scale_hvt_ti_4.pth", 75.23),
+    "scale_hvt_ti_4": ("v1.0/scale_hvt_ti_4.pth", 75.23),
+}
+_RELEASES_URL = "https://github.com/zhuang-group/HVT/releases/download/"
 
 
-for _name, (_heads, _width, _file, _top1) in _VARIANTS.items():
-    _cfg = PretrainedCfg(weights_keys=("model",), files=(_file.split("/")[1],), urls=(_RELEASES + _file,), top1=_top1)
-    register_variant(_name, "hvt", _cfg, HVT, num_heads=_heads, pool_block_width=_width)
+def _cfg(name: str) -> PretrainedCfg:
+    file, top1 = _RELEASES[name]
+    return PretrainedCfg(weights_keys=("model",), files=(file.split("/")[1],), urls=(_RELEASES_URL + file,), top1=top1)
+
+
+for _name, _kw in _VARIANTS.items():
+    register_variant(_name, "hvt", _cfg(_name), HVT, **_kw)
