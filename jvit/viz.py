@@ -57,8 +57,8 @@ def stvit_affinities(inter: dict[str, np.ndarray]) -> dict[int, np.ndarray]:
 
 
 def spvit_priors(inter: dict[str, np.ndarray]) -> dict[int, np.ndarray]:
-    """``{block: prior [heads, L, L]}`` of every SP-SA block."""
-    return {int(re.search(r"blocks_(\d+)", k)[1]): v for k, v in inter.items() if k.endswith("spsa_prior")}
+    """``{block: prior [heads, L, L]}`` of every SP-SA block (sown as ``blocks_<i>/attn/spsa_prior``)."""
+    return {int(m[1]): v for k, v in inter.items() if (m := re.fullmatch(r"blocks_(\d+)/attn/spsa_prior", k))}
 
 
 def hvt_stage_tokens(inter: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -4,6 +4,7 @@ param counts, the converter on released layouts, training steps."""
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from flax import traverse_util
-from parity import assert_parity, load_case, nchw_to_nhwc, tolerance
+from parity import apply_with_intermediates, assert_parity, load_case, nchw_to_nhwc, tolerance
 from steps import cross_entropy, images, sgd_step
 
 import jvit
@@ -72,19 +73,22 @@ def load(case: str, ckpt_case: str | None = None):
     return meta, io, model, variables
 
 
+def fixture_name(path: str) -> str:
+    """The fixture's name for a sown intermediate's module path (``blocks_3/out`` -> ``block_out_03``,
+    ``blocks_0/attn/spsa_prior`` -> ``spsa_prior_00``, ``tokens`` -> ``features``; ``features``, the
+    class token vector the fixtures do not hold, -> ``features_cls``)."""
+    if m := re.fullmatch(r"blocks_(\d+)/(out|attn/attn_probs|attn/spsa_prior)", path):
+        kind = {"out": "block_out", "attn/attn_probs": "attn_probs", "attn/spsa_prior": "spsa_prior"}[m[2]]
+        return f"{kind}_{int(m[1]):02d}"
+    return {"patch_embed/out": "patch_embed", "tokens": "features", "features": "features_cls"}.get(path, path)
+
+
 def eval_with_intermediates(model, variables, images_nhwc) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Eval logits and the sown intermediates under the fixtures' names (``attn_probs_XX`` ...)."""
-    fn = jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=["intermediates"]))
-    logits, state = fn(variables, images_nhwc)
-    named: dict[str, np.ndarray] = {}
-    for path, value in traverse_util.flatten_dict(state["intermediates"]).items():
-        name = path[-1]
-        if name in ("attn_probs", "spsa_prior"):
-            name = f"{name}_{int(path[0].removeprefix('blocks_')):02d}"
-        assert name not in named, f"{name} sown twice"
-        named[name] = np.asarray(value[0])
-    named["patch_embed"] = named.pop("stem_out").transpose(0, 3, 1, 2)  # the fixture's is NCHW
-    return np.asarray(logits), named
+    logits, inter = apply_with_intermediates(model, variables, images_nhwc, by_path=True)
+    named = {fixture_name(path): value for path, value in inter.items()}
+    named["patch_embed"] = named["patch_embed"].transpose(0, 3, 1, 2)  # the fixture's is NCHW
+    return logits, named
 
 
 @pytest.fixture(scope="module", params=CASES)
@@ -127,6 +131,15 @@ def test_train_mode_matches_original(case):
     assert_parity(f"{name}/train_cls_logits", out.cls_logits, io["train_cls_logits"])
     assert_parity(f"{name}/train_aux_logits", out.aux_logits, io["train_aux_logits"])
     assert set(updates["batch_stats"]["patch_embed"]) == {"bn1", "bn2", "bn3"}
+
+
+def test_features_are_the_class_token_the_head_reads():
+    """``features`` is the final-norm class token ``[B, C]``; ``head`` applied to it is ``cls_logits``."""
+    _, io, model, variables = load("s_like_spsa")
+    _, named = eval_with_intermediates(model, variables, nchw_to_nhwc(io["images"]))
+    assert_parity("features_cls", named["features_cls"], io["features"][:, 0])
+    head = variables["params"]["head"]
+    assert_parity("head(features)", named["features_cls"] @ head["kernel"] + head["bias"], io["cls_logits"])
 
 
 def test_relative_offsets_match_the_original():

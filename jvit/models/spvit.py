@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jvit.models import layers
 from jvit.models.layers import (
     Attention,
     DropPath,
@@ -125,8 +126,8 @@ class SpatialPriorAttention(nn.Module):
         self.w2 = self.param("w2", nn.initializers.zeros, (self.dim, 1), jnp.float32)
         self.b2 = self.param("b2", nn.initializers.ones, (self.num_heads,), jnp.float32)
         self.proj = dense(self.dim, dtype=self.dtype)
-        self.attn_dropout = nn.Dropout(self.attn_drop)
-        self.proj_dropout = nn.Dropout(self.proj_drop)
+        self.attn_dropout = nn.Dropout(rate=self.attn_drop)
+        self.proj_dropout = nn.Dropout(rate=self.proj_drop)
 
     def prior(self, grid: int) -> jax.Array:
         """The spatial prior ``P`` ``[heads, L, L]`` (float32) on a ``grid x grid`` token grid."""
@@ -181,11 +182,11 @@ class ConvStem(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         d, w = self.dtype, self.width
         x = conv2d(w, 7, in_features=x.shape[-1], stride=2, padding=3, use_bias=False, name="conv1", dtype=d)(x)
-        x = nn.relu(batch_norm(train, 1e-5, 0.1, name="bn1", dtype=d)(x))
+        x = nn.relu(batch_norm(train, eps=1e-5, torch_momentum=0.1, name="bn1", dtype=d)(x))
         x = conv2d(w, 3, in_features=w, padding=1, use_bias=False, name="conv2", dtype=d)(x)
-        x = nn.relu(batch_norm(train, 1e-5, 0.1, name="bn2", dtype=d)(x))
+        x = nn.relu(batch_norm(train, eps=1e-5, torch_momentum=0.1, name="bn2", dtype=d)(x))
         x = conv2d(w, 3, in_features=w, padding=1, use_bias=False, name="conv3", dtype=d)(x)
-        x = nn.relu(batch_norm(train, 1e-5, 0.1, name="bn3", dtype=d)(x))
+        x = nn.relu(batch_norm(train, eps=1e-5, torch_momentum=0.1, name="bn3", dtype=d)(x))
         return conv2d(self.dim, 8, in_features=w, stride=8, name="proj", dtype=d)(x)
 
 
@@ -238,6 +239,9 @@ class SPViTBlock(nn.Module):
     ``Attn`` is :class:`SpatialPriorAttention` when ``spatial_prior`` (patch tokens only, so
     ``has_cls`` must be false) and timm's multi-head attention (fused ``qkv``) otherwise. LayerNorm
     eps 1e-5, exact GELU, MLP ``dim -> mlp_ratio*dim -> dim``.
+
+    Intermediates sown: ``out`` (the block's output, after the position block), and the attention's
+    ``attn/attn_probs`` (and ``attn/spsa_prior`` for SP-SA).
     """
 
     num_heads: int
@@ -254,30 +258,37 @@ class SPViTBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         c = x.shape[-1]
-        drop_path = DropPath(self.drop_path)
-        y = layer_norm(1e-5, name="norm1", dtype=self.dtype)(x)
+        drop_path = DropPath(rate=self.drop_path)
+        y = layer_norm(eps=1e-5, name="norm1", dtype=self.dtype)(x)
         if self.spatial_prior:
             if self.has_cls:
                 raise ValueError("SP-SA attends over the patch grid only; it cannot run after the class token is in")
             attn = SpatialPriorAttention(
-                c, self.num_heads, self.qkv_bias, None, self.attn_drop, self.drop, dtype=self.dtype, name="attn"
+                dim=c,
+                num_heads=self.num_heads,
+                qkv_bias=self.qkv_bias,
+                attn_drop=self.attn_drop,
+                proj_drop=self.drop,
+                dtype=self.dtype,
+                name="attn",
             )
         else:
             attn = Attention(
-                self.num_heads,
-                self.qkv_bias,
-                None,
-                self.attn_drop,
-                self.drop,
+                num_heads=self.num_heads,
+                qkv_bias=self.qkv_bias,
+                attn_drop=self.attn_drop,
+                proj_drop=self.drop,
                 dtype=self.dtype,
                 sow_probs=True,
                 name="attn",
             )
         x = x + drop_path(attn(y, train), train) / self.skip_lam
-        y = layer_norm(1e-5, name="norm2", dtype=self.dtype)(x)
-        y = Mlp(int(c * self.mlp_ratio), drop=self.drop, dtype=self.dtype, name="mlp")(y, train)
+        y = layer_norm(eps=1e-5, name="norm2", dtype=self.dtype)(x)
+        y = Mlp(hidden_features=int(c * self.mlp_ratio), drop=self.drop, dtype=self.dtype, name="mlp")(y, train)
         x = x + drop_path(y, train) / self.skip_lam
-        return PosCNN(dtype=self.dtype, name="pos_block")(x, self.has_cls)
+        x = PosCNN(dtype=self.dtype, name="pos_block")(x, has_cls=self.has_cls)
+        self.sow("intermediates", "out", x)
+        return x
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,8 +355,11 @@ class SPViT(nn.Module):
         16x16 conv).
       img_size: square input side, a multiple of 16; fixes ``pos_embed`` (``S = img_size / 16``).
       drop_rate, attn_drop_rate, drop_path_rate: dropout / stochastic depth (linear over blocks).
+      remat: activation rematerialisation of the blocks, ``'none' | 'block' | 'dots'``
+        (:func:`jvit.models.layers.remat`).
 
-    Call: ``model.apply(variables, images, train=False, mix_box=None)`` on normalised NHWC images.
+    Call: ``model.apply(variables, images, train=False, mix_box=None)`` on normalised NHWC images,
+    ``forward_head(forward_features(images, train, mix_box), train, mix_box)``:
 
     * ``train=False``: float32 logits ``[B, num_classes]``, ``head(cls) + 0.5 * max_tokens(aux)``
       (just ``head(cls)`` without aux head); BN uses running statistics.
@@ -356,9 +370,13 @@ class SPViT(nn.Module):
       output and un-mixes the aux logits; ``None`` trains without MixToken.
     * ``train=True`` without aux head: ``head(cls)`` logits.
 
-    Intermediates sown: ``stem_out`` (the original's ``patch_embed`` output, NHWC), ``block_out_XX`` (after the position
-    block), per block ``attn_probs`` and for SP-SA blocks ``spsa_prior``, ``features`` (final
-    LayerNorm, class token first), ``cls_logits``, ``aux_logits``.
+    Intermediates sown (the scheme of :mod:`jvit.models`): ``patch_embed/out`` (the stem's output
+    map ``[B, S, S, C]``, before MixToken; the scheme's ``patch_embed``, one level down because the
+    stem module itself is ``patch_embed``), ``blocks_<i>/out`` (after the position block), ``tokens``
+    (final LayerNorm ``[B, 1 + L, C]``, class token first), ``features`` (the class token
+    ``[B, C]`` that ``head`` reads); SP-ViT's own: ``blocks_<i>/attn/attn_probs`` and, for SP-SA
+    blocks, ``blocks_<i>/attn/spsa_prior``, ``cls_logits`` (``head``) and ``aux_logits``
+    (``aux_head`` on every patch token, before un-mixing).
     """
 
     num_classes: int
@@ -377,11 +395,13 @@ class SPViT(nn.Module):
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    remat: str = "none"
     dtype: Dtype = jnp.float32
 
     @property
     def token_grid(self) -> tuple[int, int]:
-        """The ``S x S`` patch-token grid (what MixToken boxes and dense token labels live on)."""
+        """The ``S x S`` grid of the patch tokens of :meth:`forward_features` (what MixToken boxes
+        and dense token labels live on)."""
         return (self.img_size // PATCH, self.img_size // PATCH)
 
     def setup(self):
@@ -398,24 +418,24 @@ class SPViT(nn.Module):
                 f"spsa_blocks {late} are not before cls_insert_block={self.cls_insert_block}: SP-SA only runs on "
                 "the patch tokens, before the class token is inserted"
             )
-        grid = self.img_size // PATCH
-        self.num_patches = grid * grid
+        rows, cols = self.token_grid
         if self.stem == "conv":
-            self.patch_embed = ConvStem(self.embed_dim, self.stem_width, dtype=self.dtype)
+            self.patch_embed = ConvStem(dim=self.embed_dim, width=self.stem_width, dtype=self.dtype)
         elif self.stem == "patchify":
-            self.patch_embed = PatchifyStem(self.embed_dim, dtype=self.dtype)
+            self.patch_embed = PatchifyStem(dim=self.embed_dim, dtype=self.dtype)
         else:
             raise ValueError(f"unknown stem {self.stem!r}; expected 'conv' or 'patchify'")
         self.cls_token = self.param("cls_token", trunc_normal_02, (1, 1, self.embed_dim))
-        rows = self.num_patches + (self.cls_insert_block == 0)
-        self.pos_embed = self.param("pos_embed", trunc_normal_02, (1, rows, self.embed_dim))
-        self.pos_drop = nn.Dropout(self.drop_rate)
+        pos_rows = rows * cols + (self.cls_insert_block == 0)
+        self.pos_embed = self.param("pos_embed", trunc_normal_02, (1, pos_rows, self.embed_dim))
+        self.pos_drop = nn.Dropout(rate=self.drop_rate)
         rates = drop_path_rates(self.drop_path_rate, self.depth)
+        block = layers.remat(SPViTBlock, self.remat, static_argnums=(2,))  # __call__(self, x, train): train static
         self.blocks = [
-            SPViTBlock(
-                self.num_heads,
-                self.mlp_ratio,
-                self.skip_lam,
+            block(
+                num_heads=self.num_heads,
+                mlp_ratio=self.mlp_ratio,
+                skip_lam=self.skip_lam,
                 spatial_prior=i in self.spsa_blocks,
                 has_cls=i >= self.cls_insert_block,
                 qkv_bias=self.qkv_bias,
@@ -427,20 +447,30 @@ class SPViT(nn.Module):
             )
             for i in range(self.depth)
         ]
-        self.norm = layer_norm(1e-5, dtype=self.dtype)
+        self.norm = layer_norm(eps=1e-5, dtype=self.dtype)
         self.head = dense(self.num_classes, dtype=self.dtype)
         if self.use_aux_head:
             self.aux_head = dense(self.num_classes, dtype=self.dtype)
 
-    def embed(self, images: jax.Array, train: bool = False) -> jax.Array:
-        """Images ``[B, H, W, 3]`` -> stem output ``[B, S, S, C]``."""
+    def _check_mix_box(self, train: bool, mix_box: jax.Array | None) -> None:
+        if mix_box is not None and not (train and self.use_aux_head):
+            raise ValueError("mix_box (MixToken) is a train-mode augmentation of models with an aux head")
+
+    def forward_features(self, images: jax.Array, train: bool = False, mix_box: jax.Array | None = None) -> jax.Array:
+        """Images ``[B, H, W, 3]`` -> final-LayerNorm tokens ``[B, 1 + L, C]``, class token first,
+        then the ``L = S*S`` patch tokens row-major over :attr:`token_grid`.
+
+        ``mix_box`` (train mode, aux head only) applies MixToken to the stem output: the box
+        region of every sample's token map comes from the batch-reversed sample.
+        """
+        self._check_mix_box(train, mix_box)
         check_image(images, self.img_size, type(self).__name__)
         x = self.patch_embed(images.astype(self.dtype), train)
-        self.sow("intermediates", "stem_out", x)
-        return x
-
-    def forward_tokens(self, x: jax.Array, train: bool = False) -> jax.Array:
-        """Stem output ``[B, S, S, C]`` -> final-LayerNorm tokens ``[B, 1 + L, C]`` (class token first)."""
+        # Sown inside the stem (path ``patch_embed/out``): a top-level ``patch_embed`` would clash with the
+        # stem's own scope, whose name the checkpoint's parameter names fix.
+        self.patch_embed.sow("intermediates", "out", x)
+        if mix_box is not None:
+            x = mix_tokens(x, mix_box)
         x = tokens_from_map(x)
         cls = jnp.broadcast_to(self.cls_token.astype(x.dtype), (x.shape[0], 1, x.shape[2]))
         if self.cls_insert_block == 0:
@@ -450,38 +480,40 @@ class SPViT(nn.Module):
             if i == self.cls_insert_block and i > 0:
                 x = jnp.concatenate([cls, x], axis=1)
             x = block(x, train)
-            self.sow("intermediates", f"block_out_{i:02d}", x)
         x = self.norm(x)
-        self.sow("intermediates", "features", x)
+        self.sow("intermediates", "tokens", x)
         return x
 
-    def forward_features(self, images: jax.Array, train: bool = False) -> jax.Array:
-        """Images ``[B, H, W, 3]`` -> final-LayerNorm tokens ``[B, 1 + L, C]`` (no MixToken)."""
-        return self.forward_tokens(self.embed(images, train), train)
-
-    def __call__(
-        self, images: jax.Array, train: bool = False, mix_box: jax.Array | None = None
+    def forward_head(
+        self, tokens: jax.Array, train: bool = False, mix_box: jax.Array | None = None
     ) -> jax.Array | TokenLabelOutput:
-        """See the class docstring for the outputs of each mode."""
-        if mix_box is not None and not (train and self.use_aux_head):
-            raise ValueError("mix_box (MixToken) is a train-mode augmentation of models with an aux head")
-        x = self.embed(images, train)
-        if mix_box is not None:
-            x = mix_tokens(x, mix_box)
-        grid = x.shape[1:3]
-        x = self.forward_tokens(x, train)
-        cls_logits = self.head(x[:, 0]).astype(jnp.float32)
+        """Tokens ``[B, 1 + L, C]`` -> float32 outputs (see the class docstring for each mode).
+
+        ``head`` reads the class token; ``aux_head`` scores every patch token. In eval the two are
+        fused (:func:`fuse_logits`, the score the original validates); in train mode they are
+        returned apart for token labeling, the aux logits un-mixed with the same ``mix_box``
+        that :meth:`forward_features` mixed the tokens with.
+        """
+        self._check_mix_box(train, mix_box)
+        self.sow("intermediates", "features", tokens[:, 0])
+        cls_logits = self.head(tokens[:, 0]).astype(jnp.float32)
         self.sow("intermediates", "cls_logits", cls_logits)
         if not self.use_aux_head:
             return cls_logits
-        aux_logits = self.aux_head(x[:, 1:]).astype(jnp.float32)
+        aux_logits = self.aux_head(tokens[:, 1:]).astype(jnp.float32)
         self.sow("intermediates", "aux_logits", aux_logits)
         if not train:
             return fuse_logits(cls_logits, aux_logits)
         if mix_box is not None:
             b, _, k = aux_logits.shape
-            aux_logits = mix_tokens(aux_logits.reshape(b, *grid, k), mix_box).reshape(b, -1, k)
-        return TokenLabelOutput(cls_logits, aux_logits)
+            aux_logits = mix_tokens(aux_logits.reshape(b, *self.token_grid, k), mix_box).reshape(b, -1, k)
+        return TokenLabelOutput(cls_logits=cls_logits, aux_logits=aux_logits)
+
+    def __call__(
+        self, images: jax.Array, train: bool = False, mix_box: jax.Array | None = None
+    ) -> jax.Array | TokenLabelOutput:
+        """Normalised NHWC images -> logits (eval) or the train-mode outputs; see the class docstring."""
+        return self.forward_head(self.forward_features(images, train, mix_box), train, mix_box)
 
 
 # ---------------------------------------------------------------------------------------------
