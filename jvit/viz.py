@@ -50,7 +50,7 @@ def stvit_affinities(inter: dict[str, np.ndarray]) -> dict[int, np.ndarray]:
     """``{stage: affinity [B, H, W, 9]}`` of the last STA block of each super-token stage."""
     found = {}
     for name in sorted(inter, key=_natural):
-        m = re.search(r"layers_(\d+)/blocks_\d+/.*affinity$", name)
+        m = re.fullmatch(r"layers_(\d+)/blocks_\d+/attn/affinity", name)
         if m:
             found[int(m[1])] = inter[name]  # later blocks overwrite earlier ones
     return found

@@ -46,18 +46,29 @@ def case_kwargs(meta: dict) -> dict:
     return {k: tuple(kw[k]) if isinstance(kw[k], list) else kw[k] for k in CONSTRUCTOR_KEYS}
 
 
-def fixture_path(key: str) -> tuple[str, ...]:
+def fixture_path(key: str, depths: tuple[int, ...]) -> tuple[str, ...]:
     """Where jvit sows the fixture array ``key`` (``stage1_block0_affinity`` -> layers_1/blocks_0/attn/affinity)."""
     if not key.startswith("stage"):
-        return {"patch_embed": ("patch_embed_out",)}.get(key, (key,))
+        return {"patch_embed": ("patch_embed", "out")}.get(key, (key,))
     stage, rest = key.split("_", 1)
-    layer = f"layers_{stage[len('stage') :]}"
-    if not rest.startswith("block0_"):
-        return (layer, rest)  # blocks_out, downsampled
+    s = int(stage[len("stage") :])
+    layer = f"layers_{s}"
+    if rest == "blocks_out":  # the stage's last block
+        return (layer, f"blocks_{depths[s] - 1}", "out")
+    if rest == "downsampled":
+        return (layer, "downsample", "out")
     name = rest[len("block0_") :]
     if name in STA_NAMES:
         return (layer, "blocks_0", "attn", name)
-    return (layer, "blocks_0", {"pos_embed": "pos_embed_out", "norm1": "norm1_out"}.get(name, name))
+    sub = {"pos_embed": ("pos_embed", "out"), "norm1": ("norm1", "out"), "sta_out": ("attn", "out")}
+    return (layer, "blocks_0", *sub.get(name, (name,)))
+
+
+def as_fixture_layout(actual: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """jvit's NHWC maps (and the head's row-major ``[B, N, C]`` tokens) in the fixtures' NCHW layout."""
+    if actual.ndim == 3 and ref.ndim == 4:
+        actual = actual.reshape(ref.shape[0], *ref.shape[2:], ref.shape[1])
+    return actual.transpose(0, 3, 1, 2) if actual.ndim == 4 else actual
 
 
 def apply_with_paths(model, variables, x):
@@ -81,8 +92,7 @@ def test_parity(case):
     checked = [k for k in io if k not in ("images", "logits")]
     assert any(k.endswith("_affinity") for k in checked) and any(k.endswith("_colsum") for k in checked)
     for key in checked:
-        actual = inter[fixture_path(key)]
-        assert_parity(key, actual.transpose(0, 3, 1, 2) if actual.ndim == 4 else actual, io[key])
+        assert_parity(key, as_fixture_layout(inter[fixture_path(key, kw["depths"])], io[key]), io[key])
     assert_parity("logits", logits, io["logits"])
 
 

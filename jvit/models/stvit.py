@@ -34,7 +34,6 @@ are zero-padded at the bottom/right inside STA and cropped back, exactly as the 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -52,6 +51,8 @@ from jvit.models.layers import (
     drop_path_rates,
     gelu,
     layer_norm,
+    remat,
+    tokens_from_map,
     torch_dense,
 )
 from jvit.registry import PretrainedCfg, register_variant
@@ -159,11 +160,11 @@ class SuperTokenAttention(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         b, h, w, c = x.shape
         refine = Attention(
-            self.num_heads,
-            self.qkv_bias,
-            self.qk_scale,
-            self.attn_drop,
-            self.proj_drop,
+            num_heads=self.num_heads,
+            qkv_bias=self.qkv_bias,
+            qk_scale=self.qk_scale,
+            attn_drop=self.attn_drop,
+            proj_drop=self.proj_drop,
             torch_init=True,
             dtype=self.dtype,
             name="stoken_refine",
@@ -213,7 +214,7 @@ class ResDWC(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return x + DepthwiseConv2d(3, dtype=self.dtype, name="conv")(x)
+        return x + DepthwiseConv2d(kernel_size=3, dtype=self.dtype, name="conv")(x)
 
 
 class ConvFFN(nn.Module):
@@ -227,22 +228,23 @@ class ConvFFN(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         c = x.shape[-1]
-        x = torch_dense(self.hidden_features, in_features=c, name="fc1", dtype=self.dtype)(x)
-        x = nn.Dropout(self.drop)(gelu(x), deterministic=not train)
+        x = torch_dense(features=self.hidden_features, in_features=c, name="fc1", dtype=self.dtype)(x)
+        x = nn.Dropout(rate=self.drop)(gelu(x), deterministic=not train)
         x = ResDWC(dtype=self.dtype, name="conv")(x)
-        x = torch_dense(c, in_features=self.hidden_features, name="fc2", dtype=self.dtype)(x)
-        return nn.Dropout(self.drop)(x, deterministic=not train)
+        x = torch_dense(features=c, in_features=self.hidden_features, name="fc2", dtype=self.dtype)(x)
+        return nn.Dropout(rate=self.drop)(x, deterministic=not train)
 
 
 class STBlock(nn.Module):
-    """One STViT block (the original's ``StokenAttentionLayer``)::
+    """One STViT block (the original's ``StokenAttentionLayer``) on ``[B, H, W, C]``::
 
         x = x + DWConv3x3(x)                                  (CPE: rewrites the stream)
         x = x + DropPath(gamma_1 * STA(LN(x)))                (LayerNorm eps 1e-6)
         x = x + DropPath(gamma_2 * ConvFFN(BN(x)))            (BatchNorm, not LN)
 
     ``gamma_1``/``gamma_2`` (layer scale, per channel) exist only when ``layerscale`` is set.
-    Intermediates sown: ``pos_embed_out``, ``norm1_out``, ``sta_out``, ``out`` (and STA's).
+    Intermediates sown: ``out`` (the block's output), ``pos_embed/out`` (after the CPE),
+    ``norm1/out`` (STA's input), ``attn/out`` (STA's output) and those of :class:`SuperTokenAttention`.
     """
 
     stoken_size: int
@@ -261,32 +263,35 @@ class STBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         c = x.shape[-1]
-        drop_path = DropPath(self.drop_path)
+        drop_path = DropPath(rate=self.drop_path)
         if self.layerscale:
             gamma_1 = self.param("gamma_1", nn.initializers.constant(self.init_values), (c,))
             gamma_2 = self.param("gamma_2", nn.initializers.constant(self.init_values), (c,))
         else:
             gamma_1 = gamma_2 = 1.0
 
-        x = ResDWC(dtype=self.dtype, name="pos_embed")(x)
-        self.sow("intermediates", "pos_embed_out", x)
-        y = layer_norm(1e-6, name="norm1", dtype=self.dtype)(x)
-        self.sow("intermediates", "norm1_out", y)
-        y = SuperTokenAttention(
-            self.stoken_size,
-            self.n_iter,
-            self.num_heads,
-            self.qkv_bias,
-            self.qk_scale,
-            self.attn_drop,
-            self.drop,
+        pos_embed = ResDWC(dtype=self.dtype, name="pos_embed")
+        x = pos_embed(x)
+        pos_embed.sow("intermediates", "out", x)
+        norm1 = layer_norm(eps=1e-6, name="norm1", dtype=self.dtype)
+        y = norm1(x)
+        norm1.sow("intermediates", "out", y)
+        attn = SuperTokenAttention(
+            stoken_size=self.stoken_size,
+            n_iter=self.n_iter,
+            num_heads=self.num_heads,
+            qkv_bias=self.qkv_bias,
+            qk_scale=self.qk_scale,
+            attn_drop=self.attn_drop,
+            proj_drop=self.drop,
             dtype=self.dtype,
             name="attn",
-        )(y, train)
-        self.sow("intermediates", "sta_out", y)
+        )
+        y = attn(y, train)
+        attn.sow("intermediates", "out", y)
         x = x + drop_path(gamma_1 * y, train)
-        y = batch_norm(train, 1e-5, 0.1, name="norm2", dtype=self.dtype)(x)
-        y = ConvFFN(int(c * self.mlp_ratio), self.drop, dtype=self.dtype, name="mlp2")(y, train)
+        y = batch_norm(train, eps=1e-5, torch_momentum=0.1, name="norm2", dtype=self.dtype)(x)
+        y = ConvFFN(hidden_features=int(c * self.mlp_ratio), drop=self.drop, dtype=self.dtype, name="mlp2")(y, train)
         x = x + drop_path(gamma_2 * y, train)
         self.sow("intermediates", "out", x)
         return x
@@ -304,9 +309,15 @@ class PatchEmbed(nn.Module):
         widths = (self.embed_dim // 2, self.embed_dim // 2, self.embed_dim, self.embed_dim)
         for i, (width, stride) in enumerate(zip(widths, (2, 1, 2, 1))):
             x = conv2d(
-                width, 3, in_features=x.shape[-1], stride=stride, padding=1, name=f"proj_{3 * i}", dtype=self.dtype
+                features=width,
+                kernel_size=3,
+                in_features=x.shape[-1],
+                stride=stride,
+                padding=1,
+                name=f"proj_{3 * i}",
+                dtype=self.dtype,
             )(x)
-            x = batch_norm(train, 1e-5, 0.1, name=f"proj_{3 * i + 2}", dtype=self.dtype)(gelu(x))
+            x = batch_norm(train, eps=1e-5, torch_momentum=0.1, name=f"proj_{3 * i + 2}", dtype=self.dtype)(gelu(x))
         return x
 
 
@@ -318,13 +329,22 @@ class PatchMerging(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        x = conv2d(self.out_dim, 3, in_features=x.shape[-1], stride=2, padding=1, name="proj_0", dtype=self.dtype)(x)
-        return batch_norm(train, 1e-5, 0.1, name="proj_1", dtype=self.dtype)(x)
+        x = conv2d(
+            features=self.out_dim,
+            kernel_size=3,
+            in_features=x.shape[-1],
+            stride=2,
+            padding=1,
+            name="proj_0",
+            dtype=self.dtype,
+        )(x)
+        return batch_norm(train, eps=1e-5, torch_momentum=0.1, name="proj_1", dtype=self.dtype)(x)
 
 
 class Stage(nn.Module):
-    """``depth`` STViT blocks, then an optional :class:`PatchMerging` to ``out_dim`` (the original's
-    ``BasicLayer``). Intermediates sown: ``blocks_out``, ``downsampled``."""
+    """``depth`` STViT blocks (``blocks_<i>``, rematerialised per ``remat``), then an optional
+    :class:`PatchMerging` to ``out_dim`` (the original's ``BasicLayer``). Intermediates sown:
+    ``downsample/out``, and the blocks'."""
 
     depth: int
     stoken_size: int
@@ -339,30 +359,32 @@ class Stage(nn.Module):
     attn_drop: float = 0.0
     layerscale: bool = False
     init_values: float = 1e-6
+    remat: str = "none"
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        block_cls = remat(STBlock, self.remat, static_argnums=(2,))
         for j in range(self.depth):
-            x = STBlock(
-                self.stoken_size,
-                self.n_iter,
-                self.num_heads,
-                self.mlp_ratio,
-                self.qkv_bias,
-                self.qk_scale,
-                self.drop,
-                self.attn_drop,
-                self.drop_paths[j],
-                self.layerscale,
-                self.init_values,
+            x = block_cls(
+                stoken_size=self.stoken_size,
+                n_iter=self.n_iter,
+                num_heads=self.num_heads,
+                mlp_ratio=self.mlp_ratio,
+                qkv_bias=self.qkv_bias,
+                qk_scale=self.qk_scale,
+                drop=self.drop,
+                attn_drop=self.attn_drop,
+                drop_path=self.drop_paths[j],
+                layerscale=self.layerscale,
+                init_values=self.init_values,
                 dtype=self.dtype,
                 name=f"blocks_{j}",
             )(x, train)
-        self.sow("intermediates", "blocks_out", x)
         if self.out_dim is not None:
-            x = PatchMerging(self.out_dim, dtype=self.dtype, name="downsample")(x, train)
-            self.sow("intermediates", "downsampled", x)
+            downsample = PatchMerging(out_dim=self.out_dim, dtype=self.dtype, name="downsample")
+            x = downsample(x, train)
+            downsample.sow("intermediates", "out", x)
         return x
 
 
@@ -375,15 +397,18 @@ class STViT(nn.Module):
     """Super Token Vision Transformer (the paper's overall architecture): stem, four stages, conv/BN/SiLU head.
 
     Takes normalised NHWC images of any size (see the module docstring; ``img_size`` is the
-    default/initialisation resolution) and returns float32 logits ``[B, num_classes]``, or the
-    pooled features ``[B, projection]`` when ``num_classes == 0``.
+    default/initialisation resolution and sets ``token_grid``) and returns float32 logits
+    ``[B, num_classes]``, or the pooled features ``[B, projection]`` when ``num_classes == 0``.
 
     Attributes mirror the original constructor: per-stage ``embed_dim``, ``depths``, ``num_heads``,
     ``n_iter`` (association iterations), ``stoken_size`` (super-token cell side; 1 = global MHSA),
     ``layerscale`` (with ``init_values``); ``projection`` is the head's 1x1-conv width.
 
-    Intermediates sown: ``patch_embed_out``, per stage/block those of :class:`Stage`, :class:`STBlock` and
-    :class:`SuperTokenAttention`, ``head_act`` (before pooling) and ``features``.
+    Intermediates sown: ``patch_embed/out`` (the stem's output), ``layers_<s>/blocks_<i>/out`` and the
+    blocks' own (:class:`STBlock`, :class:`SuperTokenAttention`: ``affinity``, ``stokens``, ...),
+    ``layers_<s>/downsample/out``, ``tokens`` (the last stage's tokens), ``head_act`` (the head's
+    SiLU(BN(proj(tokens))) ``[B, N, projection]`` before pooling) and ``features`` (its token mean,
+    what the linear ``head`` reads).
     """
 
     num_classes: int
@@ -402,6 +427,7 @@ class STViT(nn.Module):
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    remat: str = "none"
     dtype: Dtype = jnp.float32
 
     def _check_config(self) -> None:
@@ -415,25 +441,19 @@ class STViT(nn.Module):
         if any(s < 1 for s in self.stoken_size):
             raise ValueError(f"stoken_size entries must be >= 1, got {tuple(self.stoken_size)}")
 
-    @nn.compact
-    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
-        """Images ``[B, H, W, 3]`` (normalised, NHWC, any H and W) -> logits ``[B, num_classes]``."""
+    def setup(self):
         self._check_config()
-        check_image(images, None, type(self).__name__)
-        x = PatchEmbed(self.embed_dim[0], dtype=self.dtype, name="patch_embed")(images.astype(self.dtype), train)
-        self.sow("intermediates", "patch_embed_out", x)
-        x = nn.Dropout(self.drop_rate)(x, deterministic=not train)
-
+        self.patch_embed = PatchEmbed(embed_dim=self.embed_dim[0], dtype=self.dtype)
+        self.pos_drop = nn.Dropout(rate=self.drop_rate)
         rates = drop_path_rates(self.drop_path_rate, sum(self.depths))
         num_stages = len(self.depths)
-        for i in range(num_stages):
-            start = sum(self.depths[:i])
-            x = Stage(
-                self.depths[i],
-                self.stoken_size[i],
-                self.n_iter[i],
-                self.num_heads[i],
-                tuple(rates[start : start + self.depths[i]]),
+        self.layers = [
+            Stage(
+                depth=self.depths[i],
+                stoken_size=self.stoken_size[i],
+                n_iter=self.n_iter[i],
+                num_heads=self.num_heads[i],
+                drop_paths=tuple(rates[sum(self.depths[:i]) : sum(self.depths[: i + 1])]),
                 out_dim=self.embed_dim[i + 1] if i + 1 < num_stages else None,
                 mlp_ratio=self.mlp_ratio,
                 qkv_bias=self.qkv_bias,
@@ -442,18 +462,54 @@ class STViT(nn.Module):
                 attn_drop=self.attn_drop_rate,
                 layerscale=self.layerscale[i],
                 init_values=self.init_values,
+                remat=self.remat,
                 dtype=self.dtype,
                 name=f"layers_{i}",
-            )(x, train)
+            )
+            for i in range(num_stages)
+        ]
+        self.proj = torch_dense(features=self.projection, in_features=self.embed_dim[-1], dtype=self.dtype)
+        # batch_norm fixes train/eval at construction; here the mode arrives with each call.
+        self.norm = batch_norm(True, eps=1e-5, torch_momentum=0.1, dtype=self.dtype).clone(use_running_average=None)
+        if self.num_classes:
+            self.head = dense(features=self.num_classes, dtype=jnp.float32)
 
-        x = torch_dense(self.projection, in_features=x.shape[-1], name="proj", dtype=self.dtype)(x)
-        x = nn.silu(batch_norm(train, 1e-5, 0.1, name="norm", dtype=self.dtype)(x))
+    @property
+    def token_grid(self) -> tuple[int, int]:
+        """``(rows, cols)`` of the last stage's tokens for an ``img_size`` input: the stem's two and the
+        PatchMergings' stride-2 3x3 convs (padding 1) each map a side ``n`` to ``ceil(n / 2)``."""
+        size = (self.img_size, self.img_size) if isinstance(self.img_size, int) else tuple(self.img_size)
+        halvings = 2 + len(self.depths) - 1
+        return tuple(-(-n // 2**halvings) for n in size)
+
+    def forward_features(self, images: jax.Array, train: bool = False) -> jax.Array:
+        """Images ``[B, H, W, 3]`` (any H and W) -> the last stage's tokens ``[B, N, C]``, row-major
+        over its grid (``token_grid`` for ``img_size`` inputs)."""
+        check_image(images, None, type(self).__name__)
+        x = self.patch_embed(images.astype(self.dtype), train)
+        self.patch_embed.sow("intermediates", "out", x)
+        x = self.pos_drop(x, deterministic=not train)
+        for stage in self.layers:
+            x = stage(x, train)
+        x = tokens_from_map(x)
+        self.sow("intermediates", "tokens", x)
+        return x
+
+    def forward_head(self, tokens: jax.Array, train: bool = False) -> jax.Array:
+        """Tokens ``[B, N, C]`` -> float32 logits: ``head(mean_tokens(SiLU(BN(proj(tokens)))))`` (the
+        original's 1x1 conv, BN and swish act per token, so no grid is needed); the pooled features
+        ``[B, projection]`` when ``num_classes == 0``."""
+        x = nn.silu(self.norm(self.proj(tokens), use_running_average=not train))
         self.sow("intermediates", "head_act", x)
-        features = x.astype(jnp.float32).mean(axis=(1, 2))
+        features = x.astype(jnp.float32).mean(axis=1)
         self.sow("intermediates", "features", features)
-        if self.num_classes == 0:
+        if not self.num_classes:
             return features
-        return dense(self.num_classes, name="head", dtype=jnp.float32)(features)
+        return self.head(features)
+
+    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+        """Images ``[B, H, W, 3]`` (normalised, NHWC, any H and W) -> logits ``[B, num_classes]``."""
+        return self.forward_head(self.forward_features(images, train), train)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -484,24 +540,31 @@ def _cfgs(name: str) -> tuple[PretrainedCfg, PretrainedCfg]:
 _DRIVE = "https://drive.google.com/drive/folders/1uaT5OarQd9iPrnFufHocHpM3zhyTcetB"
 _TOP1 = {"stvit_small": (83.6, 85.0), "stvit_base": (84.8, 86.0), "stvit_large": (85.3, 86.4)}
 
-
-# name: (embed_dim, depths, num_heads, layerscale, init_values)
-_VARIANTS: dict[str, tuple[Any, ...]] = {
-    "stvit_small": ((64, 128, 320, 512), (3, 5, 9, 3), (1, 2, 5, 8), (False,) * 4, 1e-5),
-    "stvit_base": ((96, 192, 384, 512), (4, 6, 14, 6), (2, 3, 6, 8), (False, False, True, True), 1e-6),
-    "stvit_large": ((96, 192, 448, 640), (4, 7, 19, 8), (2, 3, 7, 10), (False, False, True, True), 1e-6),
+# The factories of the original models/stvit.py (spec section 1.1); small's init_values is unused
+# (no layer scale) but kept as the original passes it.
+_VARIANTS = {
+    "stvit_small": dict(
+        embed_dim=(64, 128, 320, 512),
+        depths=(3, 5, 9, 3),
+        num_heads=(1, 2, 5, 8),
+        layerscale=(False, False, False, False),
+        init_values=1e-5,
+    ),
+    "stvit_base": dict(
+        embed_dim=(96, 192, 384, 512),
+        depths=(4, 6, 14, 6),
+        num_heads=(2, 3, 6, 8),
+        layerscale=(False, False, True, True),
+        init_values=1e-6,
+    ),
+    "stvit_large": dict(
+        embed_dim=(96, 192, 448, 640),
+        depths=(4, 7, 19, 8),
+        num_heads=(2, 3, 7, 10),
+        layerscale=(False, False, True, True),
+        init_values=1e-6,
+    ),
 }
 
-
-for _name, (_dims, _depths, _heads, _layerscale, _init_values) in _VARIANTS.items():
-    register_variant(
-        _name,
-        "stvit",
-        _cfgs(_name),
-        STViT,
-        embed_dim=_dims,
-        depths=_depths,
-        num_heads=_heads,
-        layerscale=_layerscale,
-        init_values=_init_values,
-    )
+for _name, _kw in _VARIANTS.items():
+    register_variant(_name, "stvit", _cfgs(_name), STViT, **_kw)
