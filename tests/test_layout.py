@@ -14,7 +14,7 @@ from jvit.convert.layout import match_layout, stack_blocks, unstack_blocks
 from jvit.errors import ConfigError
 from jvit.models.layers import Block, BlockStack
 from jvit.models.sot import HeadConfig
-from jvit.train import finetune
+from jvit.train import finetune, optim
 from jvit.train import state as state_lib
 from jvit.utils import abstract_variables
 
@@ -184,3 +184,15 @@ def test_layer_decay_is_per_block_along_the_stacked_axis():
     config = ml_collections.ConfigDict({"optimizer": {"layer_decay": 0.5, "trainable": ()}})
     scales = finetune.update_scales(stack_blocks(variables)["params"], config)
     np.testing.assert_allclose(scales["blocks"]["mlp"]["fc2"]["bias"].ravel(), [0.125, 0.25, 0.5])
+
+
+def test_weight_decay_skips_the_same_parameters_in_both_layouts():
+    _, variables = _tiny()
+    config = ml_collections.ConfigDict({"optimizer": {"wd_exclude_1d": True, "wd_exclude": (), "wd_include": ()}})
+    mask = optim.weight_decay_mask(variables["params"], config)
+    mask_s = optim.weight_decay_mask(stack_blocks(variables)["params"], config)
+    assert not mask_s["blocks"]["norm1"]["scale"] and not mask_s["blocks"]["attn"]["proj"]["bias"]
+    assert mask_s["blocks"]["attn"]["qkv"]["kernel"]
+    expect = {k: v for k, v in traverse_util.flatten_dict(mask).items() if k[0] != "blocks_1" and k[0] != "blocks_2"}
+    got = {(("blocks_0",) + k[1:] if k[0] == "blocks" else k): v for k, v in traverse_util.flatten_dict(mask_s).items()}
+    assert got == expect

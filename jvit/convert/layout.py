@@ -48,6 +48,12 @@ def _unstack(stacked: Any, name: str, where: str) -> dict[str, Any]:
     return {f"{name}_{i}": jax.tree.map(lambda a, i=i: np.asarray(a)[i], stacked) for i in range(depth)}
 
 
+def in_stacked_blocks(path: str, name: str = "blocks") -> bool:
+    """Whether the ``/``-joined variable path (``params/blocks/attn/qkv/kernel``) lies in a stacked entry,
+    i.e. its leaf has a leading block axis in front of the block's own shape."""
+    return re.search(rf"(?:^|/){re.escape(name)}/", path) is not None
+
+
 def stack_blocks(tree: Mapping[str, Any], name: str = "blocks") -> dict[str, Any]:
     """The stacked layout of ``tree``: every dict holding ``name_0 .. name_{d-1}`` gets, in their place,
     one entry ``name`` whose leaves are theirs stacked on a new leading axis (``[d, ...]``).
