@@ -161,6 +161,16 @@ def test_train_step_traces(name):
     assert jax.tree.structure(new) == jax.tree.structure(variables)
 
 
+@pytest.mark.parametrize("name", ["sot_small", "sovit_7"])
+def test_scanned_train_step_traces(name):
+    """The scanned block stack (with remat inside the scan body) traces in a train step, stacked layout."""
+    model = jvit.create_model(name, num_classes=10, drop_path_rate=0.1, scan_blocks=True, remat="dots")
+    variables = abstract_variables(model)
+    assert variables["params"]["blocks"]["attn"]["qkv"]["kernel"].shape[0] == model.depth
+    loss, grads, new = jax.eval_shape(sgd_step(model, images(model)), variables, jax.random.key(0))
+    assert jax.tree.structure(grads) == jax.tree.structure(variables["params"])
+
+
 JIT_DEFAULT = ["sot_tiny", "sovit_7"]  # one per token embedding; the others only widen/deepen them
 
 

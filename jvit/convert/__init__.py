@@ -29,8 +29,8 @@ __all__ = [
     "UnsafeCheckpointError",
     "convert_checkpoint",
     "convert_state_dict",
-    "load_checkpoint_file",
     "layout",
+    "load_checkpoint_file",
     "load_torch_checkpoint",
     "rules_for",
 ]

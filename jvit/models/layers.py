@@ -444,7 +444,9 @@ class BlockStack(nn.Module):
 
     Attach in the parent's ``setup`` under a name other than ``blocks`` / ``blocks_<i>``::
 
-        self.stack = BlockStack(Block, depth, dict(num_heads=6, ...), drop_path_rate, scan=..., remat=...)
+        self.stack = BlockStack(
+            block=Block, depth=12, block_kwargs=dict(num_heads=6, ...), drop_path_rate=0.1, scan=True, remat="dots"
+        )
     """
 
     block: type[nn.Module]
