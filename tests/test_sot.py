@@ -48,21 +48,51 @@ def case_model(meta: dict) -> tuple[str, dict]:
     return "sovit_7", kw
 
 
-@pytest.mark.parametrize("family,case", CASES, ids=[c for _, c in CASES])
-def test_parity(family, case):
+# The original's intermediate names (fixtures) -> jvit's module paths (the scheme of jvit.models). The
+# fixtures' "features" is the original's concat of the class token and the visual features, not compared.
+FIXTURE_NAMES = {
+    "tokens_embed": "patch_embed",
+    "block0_out": "blocks_0/out",
+    "final_norm_out": "tokens",
+    "features_cls": "features",
+    "logits_cls": "classifier/logits_cls",
+    "features_visual": "classifier/features_visual",
+    "logits_visual": "classifier/logits_visual",
+    "cov": "classifier/pooling/cov",
+    "svpn_out": "classifier/pooling/svpn_out",
+    "svpn_sigma": "classifier/pooling/svpn/svpn_sigma",
+    "dr_q": "classifier/pooling/dr_q",
+    "dr_k": "classifier/pooling/dr_k",
+}
+
+# One case per family also runs with the blocks scanned (stacked layout, converted by the same call).
+SCANNED = [("sot", "reduced_densenet_mgcrp"), ("sovit", "reduced_resnet_crosscov")]
+
+
+@pytest.mark.parametrize(
+    "family,case,scan",
+    [(f, c, False) for f, c in CASES] + [(f, c, True) for f, c in SCANNED],
+    ids=[c for _, c in CASES] + [f"{c}-scanned" for _, c in SCANNED],
+)
+def test_parity(family, case, scan):
     meta, io, ckpt = load_case(family, case)
     name, kw = case_model(meta)
+    if scan:
+        kw["scan_blocks"] = True
     variables = jvit.convert.load_torch_checkpoint(ckpt, name, **kw)
     model = jvit.create_model(name, num_classes=meta["num_classes"], img_size=meta["img_size"], **kw)
-    logits, inter = apply_with_intermediates(model, variables, nchw_to_nhwc(io["images"]))
+    logits, inter = apply_with_intermediates(model, variables, nchw_to_nhwc(io["images"]), by_path=True)
+    if scan:
+        assert "blocks_0" not in variables["params"] and inter["blocks/out"].shape[0] == model.depth
+        inter["blocks_0/out"] = inter.pop("blocks/out")[0]
     # dr_q / dr_k are [B, d, N] in the original (channels first), [B, N, d] here.
     for key in ("dr_q", "dr_k"):
-        if key in inter:
-            inter[key] = inter[key].transpose(0, 2, 1)
-    checked = [k for k in io if k in inter]
+        if FIXTURE_NAMES[key] in inter:
+            inter[FIXTURE_NAMES[key]] = inter[FIXTURE_NAMES[key]].transpose(0, 2, 1)
+    checked = [k for k in io if FIXTURE_NAMES.get(k) in inter]
     assert {"tokens_embed", "block0_out", "final_norm_out", "cov", "svpn_out", "svpn_sigma"} <= set(checked)
     for key in checked:
-        assert_parity(key, inter[key], io[key])
+        assert_parity(key, inter[FIXTURE_NAMES[key]], io[key])
     assert_parity("logits", logits, io["logits"])
 
 
@@ -129,6 +159,16 @@ def test_train_step_traces(name):
     loss, grads, new = jax.eval_shape(sgd_step(model, images(model)), variables, jax.random.key(0))
     assert loss.shape == () and count_params(grads) == count_params(variables["params"])
     assert jax.tree.structure(new) == jax.tree.structure(variables)
+
+
+@pytest.mark.parametrize("name", ["sot_small", "sovit_7"])
+def test_scanned_train_step_traces(name):
+    """The scanned block stack (with remat inside the scan body) traces in a train step, stacked layout."""
+    model = jvit.create_model(name, num_classes=10, drop_path_rate=0.1, scan_blocks=True, remat="dots")
+    variables = abstract_variables(model)
+    assert variables["params"]["blocks"]["attn"]["qkv"]["kernel"].shape[0] == model.depth
+    loss, grads, new = jax.eval_shape(sgd_step(model, images(model)), variables, jax.random.key(0))
+    assert jax.tree.structure(grads) == jax.tree.structure(variables["params"])
 
 
 JIT_DEFAULT = ["sot_tiny", "sovit_7"]  # one per token embedding; the others only widen/deepen them

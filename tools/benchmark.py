@@ -58,6 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--img-size", type=int, default=None, help="default: the variant's official resolution")
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--train", action="store_true", help="time the trainer's train step instead of inference")
+    p.add_argument("--scan", action="store_true", help="scan the block stack (model option scan_blocks=True)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
     p.add_argument("--steps", type=int, default=10, help="timed steps (>= 10 recommended)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
@@ -87,6 +88,8 @@ def train_config(args):
         config.model.num_classes = args.num_classes
         config.model.dtype = args.dtype
         config.input.mock_num_classes = args.num_classes
+        if args.scan:
+            config.model.kwargs.scan_blocks = True
     return config, recipe
 
 
@@ -106,7 +109,8 @@ def build(args):
         desc = dict(recipe=recipe, ema=config.ema.decay, mesh=dict(exp.mesh.shape), img_size=exp.img_size)
         return train_fn, state, batch, jvit.count_params(state.params), desc
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    model = jvit.create_model(args.model, num_classes=args.num_classes, img_size=args.img_size, dtype=dtype)
+    scan = {"scan_blocks": True} if args.scan else {}
+    model = jvit.create_model(args.model, num_classes=args.num_classes, img_size=args.img_size, dtype=dtype, **scan)
     variables = jvit.init_variables(model, 0)
     x = jax.random.normal(jax.random.key(1), (args.batch, model.img_size, model.img_size, 3), jnp.float32)
     fn = jax.jit(lambda variables, x: (variables, model.apply(variables, x, train=False)))

@@ -10,7 +10,7 @@ import logging
 import os
 from typing import Any
 
-from jvit.convert import deit, hvt, sot, spvit, stvit, swin
+from jvit.convert import deit, hvt, layout, sot, spvit, stvit, swin
 from jvit.convert.core import ConversionError, ConversionReport, ConversionRules, convert_state_dict
 from jvit.convert.torch_io import (
     CheckpointFormatError,
@@ -29,6 +29,7 @@ __all__ = [
     "UnsafeCheckpointError",
     "convert_checkpoint",
     "convert_state_dict",
+    "layout",
     "load_checkpoint_file",
     "load_torch_checkpoint",
     "rules_for",
@@ -70,7 +71,12 @@ def convert_checkpoint(
         head = state_dict.get(rules.head_key)
         num_classes = int(head.shape[0]) if head is not None else cfg.num_classes
     model = create_model(name, num_classes=num_classes, img_size=img_size, **model_kwargs)
-    variables, report = convert_state_dict(state_dict, model, rules, model_name=name, weights_key=used_key)
+    # A scanned model converts as its unrolled twin (the originals' one-entry-per-block layout), then stacks.
+    scanned = bool(getattr(model, "scan_blocks", False))
+    target = model.clone(scan_blocks=False) if scanned else model
+    variables, report = convert_state_dict(state_dict, target, rules, model_name=name, weights_key=used_key)
+    if scanned:
+        variables = layout.stack_blocks(variables)
     log.info("%s", report)
     return variables, report
 
@@ -95,7 +101,8 @@ def load_torch_checkpoint(
       weights_key: wrapper entry to read instead of the one the original evaluated (e.g.
         ``"state_dict"`` for non-EMA weights of a SoT file).
       trust: allow arbitrary unpickling; only for files from a trusted source.
-      **model_kwargs: forwarded to :func:`jvit.create_model`.
+      **model_kwargs: forwarded to :func:`jvit.create_model`; with ``scan_blocks=True`` the variables come
+        in the stacked layout of a scanned model (:mod:`jvit.convert.layout`).
 
     Returns:
       The variables dict (``params`` and, per family, ``batch_stats`` / ``frozen``) for

@@ -16,7 +16,7 @@ Everything works on channels-last (NHWC / ``[batch, tokens, dim]``) arrays.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -209,13 +209,14 @@ class DropPath(nn.Module):
 
     In training each sample's residual branch is zeroed with probability ``rate`` and survivors
     are scaled by ``1 / (1 - rate)``; identity in eval. Uses the ``dropout`` rng stream.
+    ``rate`` may be a traced scalar: the per-block rate a scanned :class:`BlockStack` feeds each block.
     """
 
-    rate: float
+    rate: float | jax.Array
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        if not train or self.rate == 0.0:
+        if not train or (not isinstance(self.rate, jax.Array) and self.rate == 0.0):
             return x
         keep = 1.0 - self.rate
         shape = (x.shape[0],) + (1,) * (x.ndim - 1)
@@ -398,6 +399,90 @@ def remat(module: type[nn.Module], policy: str, static_argnums: tuple[int, ...] 
             module, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable, static_argnums=static_argnums
         )
     raise ValueError(f"remat={policy!r} is not one of: {', '.join(REMAT_POLICIES)}")
+
+
+class _ScanStep(nn.Module):
+    """One step of a scanned :class:`BlockStack`: ``block(**kwargs, drop_path=rate)`` on the carry.
+
+    The block shares this module's scope, so its variables sit directly under the stack's name
+    (``blocks/attn/...``, not ``blocks/block/attn/...``), as in the unrolled layout minus the index.
+    """
+
+    block: type[nn.Module]
+    kwargs: Mapping[str, Any]
+
+    @nn.compact
+    def __call__(self, x: jax.Array, rate: jax.Array | None, train: bool) -> tuple[jax.Array, None]:
+        # No rates (drop_path_rate 0): a static 0.0, so that DropPath needs no rng, as unrolled.
+        block = self.block(**self.kwargs, drop_path=0.0 if rate is None else rate, name="block")
+        nn.share_scope(self, block)
+        x = block(x, train)
+        self.sow("intermediates", "out", x)
+        return x, None
+
+
+class BlockStack(nn.Module):
+    """``depth`` identical blocks ``x = block_i(x, train)`` in sequence, unrolled or scanned.
+
+    ``block(**block_kwargs, drop_path=rate_i)`` is built once per block with the stochastic-depth
+    rates of :func:`drop_path_rates` (``drop_path_rate`` at the last block) and wrapped with
+    :func:`remat` (``remat`` policy; the block's ``__call__(x, train)`` with ``train`` static).
+
+    The stack shares its parent's scope, so the layouts below are the parent's own entries:
+
+    * ``scan=False``: blocks ``blocks_0 .. blocks_{depth-1}``, each sowing intermediate
+      ``blocks_<i>/out``; the compiled program holds ``depth`` copies of the block.
+    * ``scan=True``: one ``flax.linen.scan`` over the blocks. Every collection of the block has one
+      entry ``blocks`` whose leaves carry a leading ``depth`` axis (leaf ``i`` along it is block ``i``'s),
+      the per-block drop-path rates are a scanned input (a traced scalar in :class:`DropPath`), ``params``
+      and ``dropout`` rngs are split per block, and the intermediate ``blocks/out`` is stacked
+      ``[depth, B, ...]``. The block is traced and compiled once whatever ``depth`` (compile time
+      independent of depth); remat, if any, applies inside the scan body, per block.
+
+    :mod:`jvit.convert.layout` converts variables between the two layouts; the outputs agree up to
+    float reassociation (and, in training, the random draws of dropout and drop-path differ).
+
+    Attach in the parent's ``setup`` under a name other than ``blocks`` / ``blocks_<i>``::
+
+        self.stack = BlockStack(
+            block=Block, depth=12, block_kwargs=dict(num_heads=6, ...), drop_path_rate=0.1, scan=True, remat="dots"
+        )
+    """
+
+    block: type[nn.Module]
+    depth: int
+    block_kwargs: Mapping[str, Any]
+    drop_path_rate: float = 0.0
+    scan: bool = False
+    remat: str = "none"
+
+    def setup(self):
+        # The blocks are the parent's children by name (checkpoint and converter paths do not see the stack).
+        nn.share_scope(self.parent, self)
+        block = remat(self.block, self.remat)
+        if self.scan:
+            step = nn.scan(
+                _ScanStep,
+                variable_axes={True: 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(0, nn.broadcast),
+                length=self.depth,
+            )
+            self.scanned = step(block, self.block_kwargs, name="blocks")
+        else:
+            rates = drop_path_rates(self.drop_path_rate, self.depth)
+            self.unrolled = [
+                block(**self.block_kwargs, drop_path=rate, name=f"blocks_{i}") for i, rate in enumerate(rates)
+            ]
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        if self.scan:
+            rates = drop_path_rates(self.drop_path_rate, self.depth)
+            return self.scanned(x, jnp.asarray(rates, jnp.float32) if self.drop_path_rate else None, train)[0]
+        for block in self.unrolled:
+            x = block(x, train)
+            block.sow("intermediates", "out", x)
+        return x
 
 
 def sinusoid_table(num_positions: int, dim: int) -> np.ndarray:

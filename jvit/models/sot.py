@@ -23,7 +23,7 @@ trip, loops only over the fixed (static) number of power iterations.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Literal
 
 import flax.linen as nn
 import jax
@@ -31,13 +31,13 @@ import jax.numpy as jnp
 
 from jvit.models.layers import (
     Block,
+    BlockStack,
     Dtype,
     avg_pool_2d,
     batch_norm,
     check_image,
     conv2d,
     dense,
-    drop_path_rates,
     layer_norm,
     max_pool_2d,
     sinusoid_table,
@@ -161,7 +161,7 @@ class MGCrP(nn.Module):
         k = k - k.mean(axis=(1, 3), keepdims=True)
         cov = jnp.einsum("bnhi,bnhj->bhij", q, k, precision=FP32) / n
         self.sow("intermediates", "cov", cov)
-        y = SVPN(self.svpn.alpha, self.svpn.iter_num, self.svpn.sv_num, name="svpn")(cov)
+        y = SVPN(alpha=self.svpn.alpha, iter_num=self.svpn.iter_num, sv_num=self.svpn.sv_num, name="svpn")(cov)
         self.sow("intermediates", "svpn_out", y)
         return y.reshape(b, -1)
 
@@ -184,12 +184,14 @@ class CrossCovariancePooling(nn.Module):
         b, n, _ = tokens.shape
         views = []
         for name, width in zip("qk", self.dims):
-            v = ReduceBNReLU(width, dtype=self.dtype, name=f"reduce_{name}")(tokens, train).astype(jnp.float32)
+            v = ReduceBNReLU(features=width, dtype=self.dtype, name=f"reduce_{name}")(tokens, train).astype(jnp.float32)
             self.sow("intermediates", f"dr_{name}", v)
             views.append(v - v.mean(axis=1, keepdims=True))
         cov = jnp.einsum("bni,bnj->bij", *views, precision=FP32) / n
         self.sow("intermediates", "cov", cov)
-        y = SVPN(self.svpn.alpha, self.svpn.iter_num, self.svpn.sv_num, name="svpn")(cov.swapaxes(-1, -2))
+        y = SVPN(alpha=self.svpn.alpha, iter_num=self.svpn.iter_num, sv_num=self.svpn.sv_num, name="svpn")(
+            cov.swapaxes(-1, -2)
+        )
         y = y.swapaxes(-1, -2)
         self.sow("intermediates", "svpn_out", y)
         return y.reshape(b, -1)
@@ -206,7 +208,7 @@ class ReduceBNReLU(nn.Module):
         # kaiming-normal fan_out init of the original's conv_dr_block.
         init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
         x = dense(self.features, use_bias=False, kernel_init=init, name="proj", dtype=self.dtype)(x)
-        return nn.relu(batch_norm(train, 1e-5, 0.1, name="bn", dtype=self.dtype)(x))
+        return nn.relu(batch_norm(train, eps=1e-5, torch_momentum=0.1, name="bn", dtype=self.dtype)(x))
 
 
 class SecondOrderClassifier(nn.Module):
@@ -233,14 +235,14 @@ class SecondOrderClassifier(nn.Module):
         tokens = x[:, 1:] if self.use_cls_token else x
         h = self.head
         if h.pooling == "mgcrp":
-            pooling = MGCrP(*h.dims, svpn=h.svpn, dtype=self.dtype, name="pooling")
+            pooling = MGCrP(num_heads=h.dims[0], wr_dim=h.dims[1], svpn=h.svpn, dtype=self.dtype, name="pooling")
         elif h.pooling == "cross":
-            pooling = CrossCovariancePooling(h.dims, svpn=h.svpn, dtype=self.dtype, name="pooling")
+            pooling = CrossCovariancePooling(dims=h.dims, svpn=h.svpn, dtype=self.dtype, name="pooling")
         else:
             raise ValueError(f"unknown second-order pooling {h.pooling!r}; expected 'mgcrp' or 'cross'")
         z = pooling(tokens, train)
         self.sow("intermediates", "features_visual", z)
-        z = nn.Dropout(h.dropout)(z, deterministic=not train)
+        z = nn.Dropout(rate=h.dropout)(z, deterministic=not train)
         logits = dense(self.num_classes, name="visual_fc", dtype=jnp.float32)(z)
         self.sow("intermediates", "logits_visual", logits)
         if self.use_cls_token:
@@ -258,7 +260,7 @@ class SecondOrderClassifier(nn.Module):
 def _stem(x: jax.Array, dtype: Dtype) -> jax.Array:
     """Conv3x3(3->64, bias) then MaxPool(3, s2, p1); no norm or activation between them."""
     x = conv2d(64, 3, in_features=x.shape[-1], padding=1, name="stem", dtype=dtype)(x)
-    return max_pool_2d(x, 3, 2, 1)
+    return max_pool_2d(x, window=3, stride=2, padding=1)
 
 
 class DenseLayer(nn.Module):
@@ -295,7 +297,9 @@ class DenseBlock(nn.Module):
         features = [x]
         for layer in range(1, self.num_layers + 1):
             features.append(
-                DenseLayer(self.growth, 2 * self.growth, dtype=self.dtype, name=f"denselayer{layer}")(features)
+                DenseLayer(growth=self.growth, bottleneck=2 * self.growth, dtype=self.dtype, name=f"denselayer{layer}")(
+                    features
+                )
             )
         return jnp.concatenate(features, axis=-1)
 
@@ -312,9 +316,9 @@ class DenseTransition(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        x = batch_norm(train, 1e-5, 0.1, name="norm", dtype=self.dtype)(x)
+        x = batch_norm(train, eps=1e-5, torch_momentum=0.1, name="norm", dtype=self.dtype)(x)
         x = conv2d(self.features, 1, in_features=x.shape[-1], use_bias=False, name="conv", dtype=self.dtype)(x)
-        return avg_pool_2d(x, 2, 2) if self.pool else x
+        return avg_pool_2d(x, window=2, stride=2) if self.pool else x
 
 
 class DenseNetTokens(nn.Module):
@@ -334,9 +338,9 @@ class DenseNetTokens(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         x = _stem(x, self.dtype)
         for stage in range(3):
-            x = DenseBlock(self.num_layers, dtype=self.dtype, name=f"stage_{2 * stage}")(x)
+            x = DenseBlock(num_layers=self.num_layers, dtype=self.dtype, name=f"stage_{2 * stage}")(x)
             pool = not (stage == 2 and self.img_size == 112)
-            x = DenseTransition(128, pool, dtype=self.dtype, name=f"stage_{2 * stage + 1}")(x, train)
+            x = DenseTransition(features=128, pool=pool, dtype=self.dtype, name=f"stage_{2 * stage + 1}")(x, train)
         return conv2d(self.dim, 1, in_features=x.shape[-1], name="transition", dtype=self.dtype)(x)
 
 
@@ -357,7 +361,7 @@ class Bottleneck(nn.Module):
         out_ch = self.planes * self.expansion
         d = self.dtype
         h = conv2d(self.planes, 1, in_features=x.shape[-1], use_bias=False, name="conv1", dtype=d)(x)
-        h = nn.relu(batch_norm(train, 1e-3, 0.01, name="bn1", dtype=d)(h))
+        h = nn.relu(batch_norm(train, eps=1e-3, torch_momentum=0.01, name="bn1", dtype=d)(h))
         h = conv2d(
             self.planes,
             3,
@@ -368,14 +372,14 @@ class Bottleneck(nn.Module):
             name="conv2",
             dtype=d,
         )(h)
-        h = nn.relu(batch_norm(train, 1e-3, 0.01, name="bn2", dtype=d)(h))
+        h = nn.relu(batch_norm(train, eps=1e-3, torch_momentum=0.01, name="bn2", dtype=d)(h))
         h = conv2d(out_ch, 1, in_features=h.shape[-1], use_bias=False, name="conv3", dtype=d)(h)
-        h = batch_norm(train, 1e-3, 0.01, name="bn3", dtype=d)(h)
+        h = batch_norm(train, eps=1e-3, torch_momentum=0.01, name="bn3", dtype=d)(h)
         if self.stride != 1 or x.shape[-1] != out_ch:
             x = conv2d(
                 out_ch, 1, in_features=x.shape[-1], stride=self.stride, use_bias=False, name="downsample_conv", dtype=d
             )(x)
-            x = batch_norm(train, 1e-5, 0.1, name="downsample_bn", dtype=d)(x)
+            x = batch_norm(train, eps=1e-5, torch_momentum=0.1, name="downsample_bn", dtype=d)(x)
         return nn.relu(h + x)
 
 
@@ -394,7 +398,7 @@ class ResNetTokens(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         x = _stem(x, self.dtype)
         for i, stride in enumerate((2, 2, self.img_size // 112)):
-            x = Bottleneck(64, stride, dtype=self.dtype, name=f"stage_{i}")(x, train)
+            x = Bottleneck(planes=64, stride=stride, dtype=self.dtype, name=f"stage_{i}")(x, train)
         return conv2d(self.dim, 1, in_features=x.shape[-1], name="transition", dtype=self.dtype)(x)
 
 
@@ -411,8 +415,15 @@ class SoT(nn.Module):
     parameter): it is loaded from checkpoints, never trained, and regenerated as the sinusoid
     table on fresh init.
 
-    Intermediates sown: ``tokens_embed`` ``[B, N, C]``, ``block0_out``, ``final_norm_out`` and those
-    of the head.
+    The blocks are a :class:`jvit.models.layers.BlockStack`: ``blocks_<i>`` by default, one stacked
+    ``blocks`` entry with ``scan_blocks=True`` (one traced block, so compile time does not grow with
+    ``depth``; :mod:`jvit.convert.layout` converts variables between the layouts).
+
+    Intermediates sown (the scheme of :mod:`jvit.models`): ``patch_embed`` ``[B, N, C]``,
+    ``blocks_<i>/out`` (scanned: ``blocks/out`` ``[depth, B, 1 + N, C]``), ``tokens``, ``features`` (the
+    class token ``cls_fc`` reads), and the head's under ``classifier/``: ``features_visual``,
+    ``logits_cls``, ``logits_visual``, ``pooling/cov``, ``pooling/svpn_out``, ``pooling/svpn/svpn_sigma``
+    (So-ViT also ``pooling/dr_q``, ``pooling/dr_k``).
     """
 
     num_classes: int
@@ -427,46 +438,54 @@ class SoT(nn.Module):
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     dtype: Dtype = jnp.float32
+    remat: str = "none"
+    scan_blocks: bool = False
 
-    def setup(self):
+    @property
+    def token_grid(self) -> tuple[int, int]:
+        """``(rows, cols)`` of the visual-token grid (14x14 at the official 224)."""
         if self.embed == "densenet":
             if self.img_size not in (112, 224):
                 raise ValueError(f"SoT's DenseNet token embedding supports img_size 224 or 112, not {self.img_size}")
-            self.visual_tokens = DenseNetTokens(self.embed_dim, self.img_size, dtype=self.dtype)
-            grid = 14
-        elif self.embed == "resnet":
+            return 14, 14
+        if self.embed == "resnet":
             if self.img_size // 112 not in (1, 2) or self.img_size % (8 * (self.img_size // 112)):
                 raise ValueError(
                     f"So-ViT's ResNet token embedding needs 112 <= img_size < 336 divisible by "
                     f"{8 * max(1, self.img_size // 112)}; got {self.img_size}"
                 )
-            self.visual_tokens = ResNetTokens(self.embed_dim, self.img_size, dtype=self.dtype)
-            grid = self.img_size // (8 * (self.img_size // 112))
-        else:
-            raise ValueError(f"unknown token embedding {self.embed!r}; expected 'densenet' or 'resnet'")
-        self.num_tokens = grid * grid
+            g = self.img_size // (8 * (self.img_size // 112))
+            return g, g
+        raise ValueError(f"unknown token embedding {self.embed!r}; expected 'densenet' or 'resnet'")
+
+    def setup(self):
+        rows, cols = self.token_grid
+        self.num_tokens = rows * cols
+        tokens = DenseNetTokens if self.embed == "densenet" else ResNetTokens
+        self.visual_tokens = tokens(dim=self.embed_dim, img_size=self.img_size, dtype=self.dtype)
         self.cls_token = self.param("cls_token", trunc_normal_02, (1, 1, self.embed_dim))
         self.pos_embed = self.variable(
             "frozen", "pos_embed", lambda: jnp.asarray(sinusoid_table(self.num_tokens + 1, self.embed_dim))
         )
-        self.pos_drop = nn.Dropout(self.drop_rate)
-        rates = drop_path_rates(self.drop_path_rate, self.depth)
-        self.blocks = [
-            Block(
-                self.num_heads,
-                self.mlp_ratio,
+        self.pos_drop = nn.Dropout(rate=self.drop_rate)
+        self.stack = BlockStack(
+            block=Block,
+            depth=self.depth,
+            block_kwargs=dict(
+                num_heads=self.num_heads,
+                mlp_ratio=self.mlp_ratio,
                 qkv_bias=False,
                 qk_scale=self.qk_scale,
                 drop=self.drop_rate,
-                drop_path=rates[i],
                 norm_eps=1e-5,
                 dtype=self.dtype,
-                name=f"blocks_{i}",
-            )
-            for i in range(self.depth)
-        ]
-        self.norm = layer_norm(1e-5, dtype=self.dtype)
-        self.classifier = SecondOrderClassifier(self.num_classes, self.head, dtype=self.dtype)
+            ),
+            drop_path_rate=self.drop_path_rate,
+            scan=self.scan_blocks,
+            remat=self.remat,
+        )
+        self.norm = layer_norm(eps=1e-5, dtype=self.dtype)
+        self.classifier = SecondOrderClassifier(num_classes=self.num_classes, head=self.head, dtype=self.dtype)
 
     def forward_features(self, images: jax.Array, train: bool = False) -> jax.Array:
         """Images ``[B, H, W, 3]`` -> final-LayerNorm tokens ``[B, 1 + N, C]`` (class token first)."""
@@ -474,21 +493,22 @@ class SoT(nn.Module):
         x = tokens_from_map(self.visual_tokens(images.astype(self.dtype), train))
         if x.shape[1] != self.num_tokens:
             raise ValueError(f"token embedding gave {x.shape[1]} tokens, pos_embed has {self.num_tokens}")
-        self.sow("intermediates", "tokens_embed", x)
+        self.sow("intermediates", "patch_embed", x)
         cls = jnp.broadcast_to(self.cls_token.astype(x.dtype), (x.shape[0], 1, x.shape[2]))
         x = jnp.concatenate([cls, x], axis=1) + self.pos_embed.value.astype(x.dtype)
         x = self.pos_drop(x, deterministic=not train)
-        for i, block in enumerate(self.blocks):
-            x = block(x, train)
-            if i == 0:
-                self.sow("intermediates", "block0_out", x)
-        x = self.norm(x)
-        self.sow("intermediates", "final_norm_out", x)
+        x = self.norm(self.stack(x, train))
+        self.sow("intermediates", "tokens", x)
         return x
+
+    def forward_head(self, tokens: jax.Array, train: bool = False) -> jax.Array:
+        """Tokens ``[B, 1 + N, C]`` -> float32 logits ``cls_fc(x[:, 0]) + visual_fc(svPN(pool(x[:, 1:])))``."""
+        self.sow("intermediates", "features", tokens[:, 0])
+        return self.classifier(tokens, train)
 
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
         """Images ``[B, H, W, 3]`` (normalised, NHWC) -> logits ``[B, num_classes]`` in float32."""
-        return self.classifier(self.forward_features(images, train), train)
+        return self.forward_head(self.forward_features(images, train), train)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -499,68 +519,110 @@ _EMA_CFG = PretrainedCfg(weights_keys=("state_dict_ema", "state_dict"))
 
 # So-ViT releases: direct Aliyun links and Google-Drive copies from the README of github.com/jiangtaoxie/SoT
 # at commit c2d076e (2021-04-28; later READMEs dropped So-ViT); top-1 is the paper's figure (the README's
-# "Upgrade" column lists 76.8 / 78.7 / 82.3 / 82.8 for the same files); no hashes published.
+# "Upgrade" column lists 76.8 / 78.7 / 82.3 / 82.8 for the same files); no hashes published. The SoT
+# variants have no released weights ("Coming soon").
 _SOVIT_OSS = "https://jiangtaoxie.oss-cn-beijing.aliyuncs.com/So-ViT/"
 _SOVIT_RELEASES = {
-    "sovit_7": (
-        "So-ViT-7.pth.tar?versionId=CAEQAhiBgIDLutbayBciIGI0ZDEwN2ZiZjk3MjQxMjY5ODQxMTU3OGYxZjYzZWYz",
-        "1-MTuAbQ-T6skfqHEYrhb9BmitG1iu5SY",
-        76.2,
+    "sovit_7": dict(
+        file="So-ViT-7.pth.tar",
+        version="CAEQAhiBgIDLutbayBciIGI0ZDEwN2ZiZjk3MjQxMjY5ODQxMTU3OGYxZjYzZWYz",
+        drive_id="1-MTuAbQ-T6skfqHEYrhb9BmitG1iu5SY",
+        top1=76.2,
     ),
-    "sovit_10": (
-        "So-ViT-10.pth.tar?versionId=CAEQAhiBgMDHutbayBciIDViOTY5ZDFlNTI0ZDQ5NWNhM2IxMTA3OWU4OTlmMmUw",
-        "1biRaP_m8NR48buFEQQwCRQphR_Nz5Sjw",
-        77.9,
+    "sovit_10": dict(
+        file="So-ViT-10.pth.tar",
+        version="CAEQAhiBgMDHutbayBciIDViOTY5ZDFlNTI0ZDQ5NWNhM2IxMTA3OWU4OTlmMmUw",
+        drive_id="1biRaP_m8NR48buFEQQwCRQphR_Nz5Sjw",
+        top1=77.9,
     ),
-    "sovit_14": (
-        "So-ViT-14.pth.tar?versionId=CAEQAhiBgIDDutbayBciIGM1YjBlOTIxMjYyNDRhMjY4MjE1MzgxMDcyMjEyNTM1",
-        "1A85Rlnaaya9GEpraaEKJsSaGsdqHU5YO",
-        81.8,
+    "sovit_14": dict(
+        file="So-ViT-14.pth.tar",
+        version="CAEQAhiBgIDDutbayBciIGM1YjBlOTIxMjYyNDRhMjY4MjE1MzgxMDcyMjEyNTM1",
+        drive_id="1A85Rlnaaya9GEpraaEKJsSaGsdqHU5YO",
+        top1=81.8,
     ),
-    "sovit_19": (
-        "So-ViT-19.pth.tar?versionId=CAEQAhiCgIDDutbayBciIGFkNGQ1ODUzNmQxZDRmYmU5YjQ1NzkxNDVmMTJjZDg0",
-        "1Jv2lYVzJ5lY909MHYP3YORhAVsKxUAC9",
-        82.4,
+    "sovit_19": dict(
+        file="So-ViT-19.pth.tar",
+        version="CAEQAhiCgIDDutbayBciIGFkNGQ1ODUzNmQxZDRmYmU5YjQ1NzkxNDVmMTJjZDg0",
+        drive_id="1Jv2lYVzJ5lY909MHYP3YORhAVsKxUAC9",
+        top1=82.4,
     ),
 }
 
 
-def _release_cfg(name: str, files: tuple[str, ...]) -> PretrainedCfg:
+def _release_cfg(name: str) -> PretrainedCfg:
     """``_EMA_CFG`` with the release facts of ``name`` (none for the unreleased SoT variants)."""
     if name not in _SOVIT_RELEASES:
-        return dataclasses.replace(_EMA_CFG, files=files)
-    path, drive_id, top1 = _SOVIT_RELEASES[name]
+        return _EMA_CFG
+    r = _SOVIT_RELEASES[name]
     return dataclasses.replace(
         _EMA_CFG,
-        files=files,
-        urls=(_SOVIT_OSS + path,),
-        top1=top1,
-        manual_download=(f"download {files[0]} from https://drive.google.com/file/d/{drive_id}/view"),
+        files=(r["file"],),
+        urls=(f"{_SOVIT_OSS}{r['file']}?versionId={r['version']}",),
+        top1=r["top1"],
+        manual_download=f"download {r['file']} from https://drive.google.com/file/d/{r['drive_id']}/view",
     )
 
 
-# name: (token embedding, embed_dim, depth, heads, mlp_ratio, head, released files)
-_VARIANTS: dict[str, tuple[Any, ...]] = {
-    "sot_tiny": ("densenet", 240, 12, 4, 2.5, HeadConfig("mgcrp", (6, 14)), ()),
-    "sot_small": ("densenet", 384, 14, 6, 3.5, HeadConfig("mgcrp", (6, 24), dropout=0.5), ()),
-    "sot_base": ("densenet", 528, 24, 8, 3.0, HeadConfig("mgcrp", (6, 38), dropout=0.7), ()),
-    "sovit_7": ("resnet", 256, 7, 4, 2.0, HeadConfig("cross", (48, 24)), ("So-ViT-7.pth.tar",)),
-    "sovit_10": ("resnet", 256, 10, 4, 2.0, HeadConfig("cross", (48, 24)), ("So-ViT-10.pth.tar",)),
-    "sovit_14": ("resnet", 384, 14, 6, 3.0, HeadConfig("cross", (64, 48), dropout=0.5), ("So-ViT-14.pth.tar",)),
-    "sovit_19": ("resnet", 448, 19, 7, 3.0, HeadConfig("cross", (96, 48), dropout=0.5), ("So-ViT-19.pth.tar",)),
+# Spec section 1.1: SoT's MGCrP always has 6 heads; So-ViT's cross-covariance reduces to (d1, d2).
+_VARIANTS = {
+    "sot_tiny": dict(
+        embed="densenet",
+        embed_dim=240,
+        depth=12,
+        num_heads=4,
+        mlp_ratio=2.5,
+        head=HeadConfig(pooling="mgcrp", dims=(6, 14)),
+    ),
+    "sot_small": dict(
+        embed="densenet",
+        embed_dim=384,
+        depth=14,
+        num_heads=6,
+        mlp_ratio=3.5,
+        head=HeadConfig(pooling="mgcrp", dims=(6, 24), dropout=0.5),
+    ),
+    "sot_base": dict(
+        embed="densenet",
+        embed_dim=528,
+        depth=24,
+        num_heads=8,
+        mlp_ratio=3.0,
+        head=HeadConfig(pooling="mgcrp", dims=(6, 38), dropout=0.7),
+    ),
+    "sovit_7": dict(
+        embed="resnet",
+        embed_dim=256,
+        depth=7,
+        num_heads=4,
+        mlp_ratio=2.0,
+        head=HeadConfig(pooling="cross", dims=(48, 24)),
+    ),
+    "sovit_10": dict(
+        embed="resnet",
+        embed_dim=256,
+        depth=10,
+        num_heads=4,
+        mlp_ratio=2.0,
+        head=HeadConfig(pooling="cross", dims=(48, 24)),
+    ),
+    "sovit_14": dict(
+        embed="resnet",
+        embed_dim=384,
+        depth=14,
+        num_heads=6,
+        mlp_ratio=3.0,
+        head=HeadConfig(pooling="cross", dims=(64, 48), dropout=0.5),
+    ),
+    "sovit_19": dict(
+        embed="resnet",
+        embed_dim=448,
+        depth=19,
+        num_heads=7,
+        mlp_ratio=3.0,
+        head=HeadConfig(pooling="cross", dims=(96, 48), dropout=0.5),
+    ),
 }
 
-
-for _name, (_embed, _dim, _depth, _heads, _mlp, _head, _files) in _VARIANTS.items():
-    register_variant(
-        _name,
-        "sot",
-        _release_cfg(_name, _files),
-        SoT,
-        embed=_embed,
-        embed_dim=_dim,
-        depth=_depth,
-        num_heads=_heads,
-        mlp_ratio=_mlp,
-        head=_head,
-    )
+for _name, _cfg in _VARIANTS.items():
+    register_variant(_name, "sot", _release_cfg(_name), SoT, **_cfg)

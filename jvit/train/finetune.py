@@ -8,6 +8,8 @@ weight decay), which is what timm's parameter groups with an ``lr_scale`` comput
   before the first block) has layer id 0, block ``i`` id ``i + 1``, the rest (final norm, heads) id
   ``L + 1``; a parameter's lr is scaled by ``layer_decay ** (L + 1 - id)``. A stage's downsampling
   layer (STViT ``layers_s/downsample``) feeds the next stage, so it takes the next block's id.
+  A stacked block stack (``blocks/...`` leaves with a leading block axis, ``model.kwargs.scan_blocks``)
+  gets per-block ids and factors along that axis, the same as the unrolled ``blocks_<i>``.
 * **frozen parameters**: with ``optimizer.trainable`` (regexes on ``'a/b/c'`` param paths) set, every
   other parameter gets factor 0: no update and so no weight decay either (a linear probe with
   ``trainable=('^head/',)``).
@@ -21,12 +23,14 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import optax
 
 import jvit.checkpoint
 from jvit.errors import ConfigError
 
 _BLOCK = re.compile(r"(?:^|/)(?:layers_(\d+)/)?blocks_(\d+)/")
+_STACKED = re.compile(r"(?:^|/)(?:layers_(\d+)/)?blocks/")
 _DOWNSAMPLE = re.compile(r"(?:^|/)layers_(\d+)/downsample/")
 
 
@@ -35,17 +39,28 @@ def _path(path: tuple[Any, ...]) -> str:
 
 
 def layer_ids(params: Any) -> tuple[Any, int]:
-    """``(tree of layer ids like params, number of blocks L)`` for layer-wise lr decay (module docstring)."""
-    paths = [_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
-    blocks = sorted({(int(m[1] or 0), int(m[2])) for m in map(_BLOCK.search, paths) if m})
+    """``(tree of layer ids like params, number of blocks L)`` for layer-wise lr decay (module docstring).
+
+    A stacked leaf (``blocks/...``, ``[depth, ...]``) gets an integer array of ids ``[depth, 1, ...]``.
+    """
+    leaves = [(_path(p), leaf) for p, leaf in jax.tree_util.tree_leaves_with_path(params)]
+    blocks = {(int(m[1] or 0), int(m[2])) for m in (_BLOCK.search(name) for name, _ in leaves) if m}
+    for name, leaf in leaves:
+        if m := _STACKED.search(name):
+            blocks |= {(int(m[1] or 0), i) for i in range(leaf.shape[0])}
+    blocks = sorted(blocks)
     index = {b: i for i, b in enumerate(blocks)}
     last_of_stage = {stage: i for i, (stage, _) in enumerate(blocks)}
 
-    def layer_id(path, _) -> int:
+    def layer_id(path, leaf) -> int | np.ndarray:
         name = _path(path)
         block = _BLOCK.search(name)
         if block:
             return index[(int(block[1] or 0), int(block[2]))] + 1
+        stacked = _STACKED.search(name)
+        if stacked:
+            ids = [index[(int(stacked[1] or 0), i)] + 1 for i in range(leaf.shape[0])]
+            return np.asarray(ids).reshape((-1,) + (1,) * (leaf.ndim - 1))
         down = _DOWNSAMPLE.search(name)
         if down and int(down[1]) in last_of_stage:
             return last_of_stage[int(down[1])] + 2
@@ -63,7 +78,7 @@ def update_scales(params: Any, config: ml_collections.ConfigDict) -> Any:
     trainable = [re.compile(p) for p in o.trainable]
     ids, depth = layer_ids(params)
 
-    def scale(path, layer_id) -> float:
+    def scale(path, layer_id) -> float | np.ndarray:
         if trainable and not any(p.search(_path(path)) for p in trainable):
             return 0.0
         return float(o.layer_decay) ** (depth + 1 - layer_id)
@@ -97,13 +112,13 @@ def scale_updates(tx: optax.GradientTransformation, config: ml_collections.Confi
 
     def update(updates, state, params=None):
         scales = update_scales(updates, config)
-        if o.trainable and not any(jax.tree.leaves(scales)):
+        if o.trainable and not any(np.any(s) for s in jax.tree.leaves(scales)):
             names = [_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(updates)]
             raise ConfigError(
                 f"optimizer.trainable={tuple(o.trainable)} matches no parameter; names look like "
                 f"{names[:3] + names[-3:]}"
             )
-        return jax.tree.map(lambda u, s: u * s if s != 1 else u, updates, scales), state
+        return jax.tree.map(lambda u, s: u if np.all(s == 1) else u * s, updates, scales), state
 
     return optax.chain(tx, optax.GradientTransformation(lambda params: optax.EmptyState(), update))
 

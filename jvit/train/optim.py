@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from jvit.convert import layout
 from jvit.train import finetune
 
 Schedule = Callable[[jax.Array], jax.Array]
@@ -107,7 +108,9 @@ def weight_decay_mask(params: Any, config: ml_collections.ConfigDict) -> Any:
 
     def decays(path, x) -> bool:
         name = param_path(path)
-        if o.wd_exclude_1d and len(x.shape) <= 1 and not any(p.search(name) for p in include):
+        # A stacked block leaf (scan_blocks) has a leading block axis: its own rank is one less.
+        rank = len(x.shape) - layout.in_stacked_blocks(name)
+        if o.wd_exclude_1d and rank <= 1 and not any(p.search(name) for p in include):
             return False
         return not any(p.search(name) for p in exclude)
 

@@ -114,12 +114,14 @@ def merge_pretrained(
     """``fresh`` with every leaf replaced by ``loaded``'s, except classifier leaves whose class
     dimension differs (those keep their fresh init). Returns ``(variables, reinitialised names)``.
 
-    A ``pos_embed`` made for another input size is resized (:func:`jvit.models.resize.fit_pos_embed`).
+    ``loaded`` is first put in ``fresh``'s block layout (unrolled ``blocks_<i>`` or stacked ``blocks`` of a
+    ``scan_blocks`` model, :func:`jvit.convert.layout.match_layout`). A ``pos_embed`` made for another input
+    size is resized (:func:`jvit.models.resize.fit_pos_embed`).
     Otherwise a leaf may differ from the checkpoint only where the new model's dimension is ``num_classes``;
     any other difference (missing or extra names, other shapes) raises, naming every one.
     """
     flat_fresh = traverse_util.flatten_dict(fresh, sep="/")
-    flat_loaded = traverse_util.flatten_dict(loaded, sep="/")
+    flat_loaded = traverse_util.flatten_dict(jvit.convert.layout.match_layout(loaded, fresh), sep="/")
     errors = [f"missing in the checkpoint: {k}" for k in flat_fresh if k not in flat_loaded]
     errors += [f"not in the model: {k}" for k in flat_loaded if k not in flat_fresh]
     merged, reinit = {}, []
