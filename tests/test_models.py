@@ -239,6 +239,22 @@ def test_remat_changes_neither_parameters_nor_gradients(name):
             np.testing.assert_allclose(g_r, g, rtol=1e-5, atol=1e-5 * float(np.abs(g).max()), err_msg=path)
 
 
+def test_trainer_config_selects_remat():
+    """``model.remat`` is validated against the policies and reaches the trainer's model."""
+    from jvit.errors import ConfigError
+    from jvit.train import config as config_lib
+    from jvit.train import state as state_lib
+
+    c = config_lib.default_config()
+    c.model.name = "deit_tiny"
+    c.model.remat = "full"
+    with pytest.raises(ConfigError, match=r"model.remat='full' is not one of: none, block, dots"):
+        config_lib.validate(c)
+    c.model.remat = "dots"
+    config_lib.validate(c)
+    assert state_lib.build_model(c, 10).remat == "dots"
+
+
 def residual_bytes(model, variables, x) -> int:
     """Bytes the backward pass of the train-mode loss keeps from the forward (the VJP's residuals)."""
     mutable = [c for c in variables if c not in ("params", "frozen")]
@@ -267,7 +283,7 @@ def test_remat_keeps_fewer_activations():
 
 @pytest.mark.skipif(
     jax.default_backend() == "cpu",
-    reason="XLA:CPU schedules the recomputed activations early, so its temp buffers do not shrink with remat",
+    reason="XLA:CPU's temp bytes do not shrink under remat (4-block DeiT, batch 32: 37.6 MiB 'none', 38.4 'block')",
 )
 def test_remat_block_lowers_the_compiled_train_step_memory():
     """On an accelerator, the compiled train step of a small DeiT needs fewer temporary bytes under 'block'."""
