@@ -197,7 +197,8 @@ def test_protocol(name):
     np.testing.assert_allclose(split, logits, rtol=1e-6, atol=1e-6)
 
     inter = {k: v[0] for k, v in traverse_util.flatten_dict(state["intermediates"], sep="/").items()}
-    np.testing.assert_array_equal(inter["tokens"], tokens)
+    # Recording intermediates may take another code path (attention probabilities materialised): float32 ulps.
+    np.testing.assert_allclose(inter["tokens"], tokens, rtol=1e-5, atol=1e-6)
     features = inter[FEATURES_AT.get(name, "features")]
     assert features.ndim == 2 and features.shape[0] == 2
     assert any(re.fullmatch(r"(layers_\d+/)?blocks_0/out", k) for k in inter), sorted(inter)
@@ -234,9 +235,12 @@ def test_remat_changes_neither_parameters_nor_gradients(name):
         assert jax.tree.structure(abstract_variables(remat)) == jax.tree.structure(variables)
         loss_r, grads_r = loss_and_grads(remat, variables, x)
         np.testing.assert_allclose(loss_r, loss, rtol=1e-5)
+        # Absolute slack relative to the largest gradient: some are float noise around an exact zero
+        # (e.g. a conv bias followed by BatchNorm).
+        atol = 1e-6 * max(float(np.abs(g).max()) for g in jax.tree.leaves(grads))
         for path, g in traverse_util.flatten_dict(grads, sep="/").items():
             g_r = traverse_util.flatten_dict(grads_r, sep="/")[path]
-            np.testing.assert_allclose(g_r, g, rtol=1e-5, atol=1e-5 * float(np.abs(g).max()), err_msg=path)
+            np.testing.assert_allclose(g_r, g, rtol=1e-5, atol=atol, err_msg=path)
 
 
 def test_trainer_config_selects_remat():
