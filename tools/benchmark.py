@@ -154,13 +154,13 @@ def main(argv=None) -> None:
     compiled = step_fn.lower(state, inputs).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
-    mib = lambda n: round(n / 2**20, 1)  # noqa: E731
+    mib = lambda n, digits=1: round(n / 2**20, digits)  # noqa: E731
     memory = (
         {}
         if mem is None
         else dict(
             xla_temp_mib=mib(mem.temp_size_in_bytes),
-            xla_temp_mib_per_image=mib(mem.temp_size_in_bytes / args.batch),
+            xla_temp_mib_per_image=mib(mem.temp_size_in_bytes / args.batch, 2),
             xla_argument_mib=mib(mem.argument_size_in_bytes),
             xla_output_mib=mib(mem.output_size_in_bytes),
             xla_program_mib=mib(
