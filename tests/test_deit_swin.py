@@ -1,5 +1,5 @@
-"""DeiT and Swin: parity with timm 0.4.12, strict conversion of the release layout, param counts,
-and the SoT-head variants built from converted backbones."""
+"""DeiT and Swin: parity with timm 0.4.12, strict conversion of the release layout, and the SoT-head
+variants built from converted backbones (parameter counts: tests/test_models.py)."""
 
 from __future__ import annotations
 
@@ -101,23 +101,6 @@ def test_parity_full_depth(name, tmp_path):
     check_case(name, {}, dict(img_size=224, num_classes=1000), io, tmp_path / "release.pth")
 
 
-def test_param_counts_match_timm():
-    """Parameter counts of timm 0.4.12's models (``sum(p.numel())``, the DeiT / Swin papers' 5M/22M/86M/28M/50M/88M)."""
-    expect = {
-        "deit_tiny": 5_717_416,
-        "deit_small": 22_050_664,
-        "deit_base": 86_567_656,
-        "deit_tiny_distilled": 5_910_800,
-        "deit_small_distilled": 22_436_432,
-        "deit_base_distilled": 87_338_192,
-        "swin_tiny": 28_288_354,
-        "swin_small": 49_606_258,
-        "swin_base": 87_768_224,
-    }
-    for name, n in expect.items():
-        assert count_params(abstract_variables(jvit.create_model(name))) == n, name
-
-
 def test_registry_entries():
     for name in FULL:
         cfg = jvit.get_pretrained_cfg(name)
@@ -165,27 +148,14 @@ def test_distilled_train_mode_returns_both_heads():
 # SoT heads on DeiT / Swin backbones
 # ---------------------------------------------------------------------------------------------
 
-# params collection at 1000 classes; SoT README's "+ours" (7.0 / 26.9 / 94.9 / 31.6 / 95.9 M) differ
-# because its models also replaced the token embedding (see jvit/models/deit.py, swin.py).
-SOT_PARAMS = {
-    "deit_tiny_sot": 6_926_686,
-    "deit_small_sot": 25_618_280,
-    "deit_base_sot": 95_582_902,
-    "swin_tiny_sot": 31_197_562,
-    "swin_base_sot": 95_875_206,
-}
-
-
-@pytest.mark.parametrize("name", sorted(SOT_PARAMS))
-def test_sot_param_counts(name):
-    """Backbone (timm's count less its linear head) + MGCrP ``wr`` + ``visual_fc`` (+ ``cls_fc`` = DeiT's head)."""
-    assert count_params(abstract_variables(jvit.create_model(name))["params"]) == SOT_PARAMS[name]
+# Their parameter counts are checked with every variant's in tests/test_models.py.
+SOT_VARIANTS = jvit.list_models("deit_sot") + jvit.list_models("swin_sot")
 
 
 SOT_BACKBONE_CASE = {"deit": "deit_reduced", "swin": "swin_2stage_shift"}
 
 
-@pytest.mark.parametrize("name", sorted(SOT_PARAMS))
+@pytest.mark.parametrize("name", SOT_VARIANTS)
 def test_sot_variant_loads_converted_backbone_and_trains(name):
     """Each *_sot variant (reduced through keyword overrides) takes a DeiT/Swin release-layout file:
     the backbone strictly, DeiT's head as cls_fc, the second-order branch fresh; then trains."""
@@ -223,7 +193,7 @@ def test_sot_variant_loads_converted_backbone_and_trains(name):
 
 def test_full_size_sot_variants_trace():
     """Every full-size *_sot variant's train step traces (no compile)."""
-    for name in SOT_PARAMS:
+    for name in SOT_VARIANTS:
         model = jvit.create_model(name, num_classes=10)
         variables = abstract_variables(model)
         loss, grads, _ = jax.eval_shape(sgd_step(model, images(model)), variables, jax.random.key(0))
@@ -235,7 +205,7 @@ def test_finetune_configs_start_from_the_release_files():
 
     from jvit.train import config as config_lib
 
-    for name in SOT_PARAMS:
+    for name in SOT_VARIANTS:
         c = config_lib.load_config_file(Path(__file__).resolve().parents[1] / "configs" / f"{name}.py", None)
         config_lib.validate(c)
         assert c.model.name == name and c.num_epochs == 30 and c.ema.decay == 0.0

@@ -2,11 +2,16 @@
 
     python tools/benchmark.py --model sot_tiny --batch 8            # inference: model.apply, eval mode
     python tools/benchmark.py --model sot_tiny --batch 8 --train    # the trainer's jitted train step
+    python tools/benchmark.py --model sot_tiny --batch 64 --train --dtype bfloat16 --remat dots
 
 ``--train`` times exactly the step ``python -m jvit.main`` runs (loss, grads, AdamW, EMA when the
 recipe has one), built from ``configs/<model>.py`` when that recipe exists and from the shared timm
-recipe otherwise, on random uint8 images. Prints figures only (no thresholds): the step is compiled
-once, run ``--warmup`` times, then timed ``--steps`` times with ``block_until_ready``.
+recipe otherwise, on random uint8 images; ``--remat`` sets ``model.remat`` (the blocks' activation
+rematerialisation, :func:`jvit.models.layers.remat`). Prints figures only (no thresholds): the step is
+compiled once (``compile_s``), run ``--warmup`` times, then timed ``--steps`` times with
+``block_until_ready``. The compiled step's own buffers come from XLA's ``memory_analysis``: ``temp``
+(activations and scratch, what remat shrinks; also per image), ``argument`` and ``output`` (state and
+batch), ``xla_program`` their sum less the donated (aliased) bytes.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import numpy as np
 
 import jvit
 from jvit import recipes
+from jvit.models.layers import REMAT_POLICIES
 from jvit.summary import summarize
 from jvit.train import loop, sharding
 from jvit.train.config import load_config_file
@@ -60,6 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train", action="store_true", help="time the trainer's train step instead of inference")
     p.add_argument("--scan", action="store_true", help="scan the block stack (model option scan_blocks=True)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
+    p.add_argument(
+        "--remat", choices=REMAT_POLICIES, default="none", help="rematerialise the blocks' activations (model.remat)"
+    )
     p.add_argument("--steps", type=int, default=10, help="timed steps (>= 10 recommended)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     p.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
@@ -87,10 +96,21 @@ def train_config(args):
         config.model.img_size = args.img_size
         config.model.num_classes = args.num_classes
         config.model.dtype = args.dtype
+        config.model.remat = args.remat
         config.input.mock_num_classes = args.num_classes
         if args.scan:
             config.model.kwargs.scan_blocks = True
     return config, recipe
+
+
+def model_kwargs(args) -> dict:
+    """``create_model`` overrides of the benchmarked configuration (as the trainer passes them)."""
+    kwargs = {"dtype": jnp.dtype(args.dtype)}
+    if args.remat != "none":
+        kwargs["remat"] = args.remat
+    if args.scan:
+        kwargs["scan_blocks"] = True
+    return kwargs
 
 
 def build(args):
@@ -108,9 +128,7 @@ def build(args):
         batch = sharding.global_batch(local, exp.mesh)
         desc = dict(recipe=recipe, ema=config.ema.decay, mesh=dict(exp.mesh.shape), img_size=exp.img_size)
         return train_fn, state, batch, jvit.count_params(state.params), desc
-    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    scan = {"scan_blocks": True} if args.scan else {}
-    model = jvit.create_model(args.model, num_classes=args.num_classes, img_size=args.img_size, dtype=dtype, **scan)
+    model = jvit.create_model(args.model, num_classes=args.num_classes, img_size=args.img_size, **model_kwargs(args))
     variables = jvit.init_variables(model, 0)
     x = jax.random.normal(jax.random.key(1), (args.batch, model.img_size, model.img_size, 3), jnp.float32)
     fn = jax.jit(lambda variables, x: (variables, model.apply(variables, x, train=False)))
@@ -126,6 +144,7 @@ def main(argv=None) -> None:
         batch=args.batch,
         mode="train" if args.train else "inference",
         dtype=args.dtype,
+        remat=args.remat,
         steps=args.steps,
         warmup=args.warmup,
         device=device.device_kind,
@@ -140,10 +159,19 @@ def main(argv=None) -> None:
     compiled = step_fn.lower(state, inputs).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
-    xla_bytes = (
-        None
+    mib = lambda n, digits=1: round(n / 2**20, digits)  # noqa: E731
+    memory = (
+        {}
         if mem is None
-        else (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+        else dict(
+            xla_temp_mib=mib(mem.temp_size_in_bytes),
+            xla_temp_mib_per_image=mib(mem.temp_size_in_bytes / args.batch, 2),
+            xla_argument_mib=mib(mem.argument_size_in_bytes),
+            xla_output_mib=mib(mem.output_size_in_bytes),
+            xla_program_mib=mib(
+                mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+            ),
+        )
     )
 
     times = []
@@ -162,13 +190,16 @@ def main(argv=None) -> None:
         step_ms_min=round(1e3 * min(times), 2),
         step_ms_max=round(1e3 * max(times), 2),
         img_per_s=round(args.batch / median, 1),
-        xla_program_mib=None if xla_bytes is None else round(xla_bytes / 2**20, 1),
+        **memory,
         device_peak_mib=round(stats["peak_bytes_in_use"] / 2**20, 1) if "peak_bytes_in_use" in stats else None,
         host_peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         params=params,
     )
-    # Model figures from XLA's analyses (jvit.summary); GFLOP/s counts the eval forward's FLOPs per image.
-    model_figures = summarize(jvit.create_model(args.model, num_classes=args.num_classes, img_size=desc["img_size"]))
+    # Model figures from XLA's analyses (jvit.summary) of the same configuration (dtype, remat); GFLOP/s
+    # counts the eval forward's FLOPs per image.
+    model_figures = summarize(
+        jvit.create_model(args.model, num_classes=args.num_classes, img_size=desc["img_size"], **model_kwargs(args))
+    )
     flops, act = model_figures["flops_per_image"], model_figures["activation_bytes_per_image"]
     figures.update(
         gflops_per_image=flops and round(flops / 1e9, 3),

@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jvit.models import layers
 from jvit.models.layers import (
     Block,
     Dtype,
@@ -69,6 +70,7 @@ class DeiT(nn.Module):
     ``blocks_<i>``, ``norm``, ``head``, ``head_dist``). With ``distilled`` the model returns, in train
     mode, the pair ``(logits_cls, logits_dist)`` for DeiT's hard-distillation loss and, in eval, their
     mean. With ``second_order`` the head is SoT's :class:`SecondOrderClassifier` (``classifier``).
+    ``remat`` rematerialises each block in the backward pass (:func:`jvit.models.layers.remat`).
 
     Intermediates sown: ``tokens`` (final-norm tokens), ``features`` (the class token the head reads;
     ``features_dist``: the distillation token), ``blocks_<i>/out``, and the SoT head's own.
@@ -86,6 +88,7 @@ class DeiT(nn.Module):
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     dtype: Dtype = jnp.float32
+    remat: str = "none"
 
     def setup(self):
         if self.img_size % self.patch_size:
@@ -101,8 +104,9 @@ class DeiT(nn.Module):
         self.pos_embed = self.param("pos_embed", trunc_normal_02, (1, grid * grid + self.num_prefix, self.embed_dim))
         self.pos_drop = nn.Dropout(self.drop_rate)
         rates = drop_path_rates(self.drop_path_rate, self.depth)
+        block = layers.remat(Block, self.remat)
         self.blocks = [
-            Block(
+            block(
                 num_heads=self.num_heads,
                 mlp_ratio=self.mlp_ratio,
                 qkv_bias=True,

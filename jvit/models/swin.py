@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jvit.models import layers
 from jvit.models.deit import PatchEmbed
 from jvit.models.layers import DropPath, Dtype, Mlp, check_image, dense, drop_path_rates, layer_norm, trunc_normal_02
 from jvit.models.sot import HeadConfig, SecondOrderClassifier
@@ -189,7 +190,8 @@ class PatchMerging(nn.Module):
 class SwinStage(nn.Module):
     """``depth`` Swin blocks (even ones unshifted, odd ones shifted by ``window // 2``) at one
     resolution, then patch merging when ``downsample``. The window shrinks to the map (and the
-    shift is dropped) when the map is not larger than the window, as in the original."""
+    shift is dropped) when the map is not larger than the window, as in the original. ``remat``
+    rematerialises each block in the backward pass (:func:`jvit.models.layers.remat`)."""
 
     depth: int
     num_heads: int
@@ -200,6 +202,7 @@ class SwinStage(nn.Module):
     downsample: bool
     drop: float = 0.0
     dtype: Dtype = jnp.float32
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -212,8 +215,10 @@ class SwinStage(nn.Module):
                 f"{window}x{window} windows; choose img_size so every stage's map is a multiple "
                 "of the window"
             )
+        # SwinBlock.__call__(self, x, train): train (argument 2) is static under remat.
+        block = layers.remat(SwinBlock, self.remat, static_argnums=(2,))
         for i in range(self.depth):
-            x = SwinBlock(
+            x = block(
                 num_heads=self.num_heads,
                 resolution=self.resolution,
                 window=window,
@@ -236,7 +241,8 @@ class Swin(nn.Module):
     (``patch_embed``, ``layers_<i>/blocks_<j>``, ``layers_<i>/downsample``, ``norm``, ``head``).
 
     With ``second_order`` the head is SoT's visual-token-only :class:`SecondOrderClassifier`
-    (``classifier``) on the final tokens instead of the linear head on their mean.
+    (``classifier``) on the final tokens instead of the linear head on their mean. ``remat``
+    rematerialises each Swin block in the backward pass (:func:`jvit.models.layers.remat`).
 
     Intermediates sown: ``tokens`` (final-norm tokens ``[B, N, C]``), ``features`` (their mean, what
     the linear head reads), ``layers_<i>/blocks_<j>/out``, and the SoT head's own.
@@ -254,6 +260,7 @@ class Swin(nn.Module):
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     dtype: Dtype = jnp.float32
+    remat: str = "none"
 
     def setup(self):
         if len(self.depths) != len(self.num_heads):
@@ -277,6 +284,7 @@ class Swin(nn.Module):
                     downsample=not last,
                     drop=self.drop_rate,
                     dtype=self.dtype,
+                    remat=self.remat,
                     name=f"layers_{i}",
                 )
             )

@@ -23,6 +23,7 @@ from ml_collections import config_dict
 
 from jvit.data import preprocess
 from jvit.errors import ConfigError
+from jvit.models.layers import REMAT_POLICIES
 from jvit.registry import list_models
 from jvit.train import distributed, losses, optim, sharding
 
@@ -58,6 +59,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.img_size = config_dict.placeholder(int)  # None: the variant's official resolution
     c.model.num_classes = config_dict.placeholder(int)  # None: the training dataset's classes
     c.model.dtype = "float32"  # compute dtype passed to the model ('bfloat16' on TPU/GPU)
+    # Activation rematerialisation of the transformer blocks in the backward pass (jvit.models.layers.remat):
+    # 'none' keeps every activation; 'dots' keeps the linear layers' outputs and recomputes the rest;
+    # 'block' keeps only each block's input (least memory, one extra forward).
+    c.model.remat = "none"
     c.model.kwargs = ml_collections.ConfigDict()  # factory overrides: drop_path_rate, depth, ...
     # BatchNorm batch statistics in training: 'per_device' (each device's rows, as the originals' DDP
     # training without SyncBN) or 'global' (the whole global batch, SyncBN).
@@ -230,6 +235,11 @@ def _value_errors(c: ml_collections.ConfigDict) -> list[str]:
     if c.model.name not in list_models():
         errors.append(f"model.name={c.model.name!r} is not one of: {', '.join(list_models())}")
     _check(errors, c.model.dtype in DTYPES, f"model.dtype={c.model.dtype!r} is not one of: {', '.join(DTYPES)}")
+    _check(
+        errors,
+        c.model.remat in REMAT_POLICIES,
+        f"model.remat={c.model.remat!r} is not one of: {', '.join(REMAT_POLICIES)}",
+    )
     _check(
         errors,
         c.model.batch_norm in ("per_device", "global"),

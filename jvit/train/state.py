@@ -52,15 +52,18 @@ class TrainState(flax.struct.PyTreeNode):
 
 
 def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Factory overrides: ``model.kwargs`` plus the compute dtype when it is not float32."""
+    """Factory overrides: ``model.kwargs`` plus the compute dtype when it is not float32 and the
+    block rematerialisation (``model.remat``) when it is not ``'none'``."""
     kwargs = config.model.kwargs.to_dict()
     if config.model.dtype != "float32":
         kwargs["dtype"] = jnp.dtype(config.model.dtype)
+    if config.model.remat != "none":
+        kwargs["remat"] = config.model.remat
     return kwargs
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
-    """``jvit.create_model(model.name, num_classes, model.img_size, **model.kwargs)``."""
+    """``jvit.create_model(model.name, num_classes, model.img_size, **model_kwargs(config))``."""
     return jvit.create_model(
         config.model.name, num_classes=num_classes, img_size=config.model.img_size, **model_kwargs(config)
     )
