@@ -116,8 +116,10 @@ def associate(pixels: jax.Array, stokens: jax.Array, scale: float) -> tuple[jax.
     b, hh, s, ww, _, c = pixels.shape
     rows = neighbour_rows(stokens).reshape(b, hh, 3 * (ww + 2), c)
     logits = jnp.einsum("bapc,baqc->bapq", pixels.reshape(b, hh, s * ww * s, c), rows)
-    logits = logits.reshape(b, hh, s, ww, s, -1).astype(jnp.float32) * scale
-    affinity = jax.nn.softmax(jnp.where(band_mask(ww)[:, None], logits, -jnp.inf), axis=-1)
+    # The mask enters as an additive -inf bias so that it fuses into the softmax.
+    outside = np.where(band_mask(ww), 0.0, -np.inf).astype(np.float32)[:, None]
+    logits = logits.reshape(b, hh, s, ww, s, -1).astype(jnp.float32) * scale + outside
+    affinity = jax.nn.softmax(logits, axis=-1)
     return affinity, fold_rows(affinity.sum(axis=(2, 3, 4)).reshape(b, hh, 3, ww + 2))
 
 
