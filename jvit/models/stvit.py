@@ -67,10 +67,11 @@ from jvit.registry import PretrainedCfg, register_variant
 NEIGHBOURS: tuple[tuple[int, int], ...] = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
 
 # Why a band: the pixels of cell row a are compared with ALL super tokens of the zero-padded rows
-# a-1, a, a+1 (3 * (ww + 2) of them), and the ones outside the pixel's 3x3 window are masked out of
-# the softmax. That is ~3x the multiply-adds of the 9 true neighbours, but every contraction becomes
-# one batched matmul over (image, cell row) on the map in its own layout: no per-cell transposes of
-# whole activations and no 9-way gathers, which dominated STA's time on XLA:CPU.
+# a-1, a, a+1 (3 * (ww + 2) of them), and the ones outside the pixel's 3x3 window get probability 0.
+# That is 3 * (ww + 2) / 9 times the multiply-adds of the 9 true neighbours (3x at 224 px, where
+# ww = 7; it grows with the image width), but each of STA's three contractions (association, sampling,
+# mapping back) becomes one batched matmul over (image, cell row) on the map in its own row-major
+# layout: no cell-major copies of whole activations in and out, and no 9-way stacks of shifted slices.
 
 
 def neighbour_rows(stokens: jax.Array) -> jax.Array:
