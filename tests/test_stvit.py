@@ -20,7 +20,7 @@ import jvit.convert
 from jvit.convert.core import ConversionError, convert_state_dict
 from jvit.convert.torch_io import select_state_dict, to_numpy
 from jvit.models.layers import DepthwiseConv2d, gelu
-from jvit.models.stvit import NEIGHBOURS, SuperTokenAttention, fold_neighbours, unfold_neighbours
+from jvit.models.stvit import NEIGHBOURS, SuperTokenAttention, band_mask, fold_rows, neighbour_rows
 from jvit.utils import abstract_variables, count_params
 
 CASES = ["red_small_224", "red_ls_pad", "red_iter_pad"]
@@ -101,18 +101,24 @@ def test_parity(case):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_unfold_is_the_3x3_neighbourhood_and_fold_its_adjoint():
+def test_neighbour_rows_band_holds_the_3x3_neighbourhood_and_fold_is_its_adjoint():
+    """Band column (dy, m) of cell (a, n) is super token (a + dy - 1, m - 1) (zero outside the grid); the
+    mask keeps exactly the 9 NEIGHBOURS of each cell; fold_rows is the linear transpose of neighbour_rows."""
     t = np.random.default_rng(0).standard_normal((2, 3, 4, 5)).astype(np.float32)
-    u = np.asarray(unfold_neighbours(jnp.asarray(t)))
+    u = np.asarray(neighbour_rows(jnp.asarray(t)))
+    mask = band_mask(4).reshape(4, 3, 6)
+    assert u.shape == (2, 3, 3, 6, 5) and mask.sum() == 4 * 9
     for a in range(3):
-        for b in range(4):
-            for k, (dy, dx) in enumerate(NEIGHBOURS):
-                inside = 0 <= a + dy < 3 and 0 <= b + dx < 4
-                expect = t[:, a + dy, b + dx] if inside else np.zeros((2, 5), np.float32)
-                np.testing.assert_array_equal(u[:, a, b, k], expect)
+        for n in range(4):
+            for dy in range(3):
+                for m in range(6):
+                    inside = 0 <= a + dy - 1 < 3 and 0 <= m - 1 < 4
+                    expect = t[:, a + dy - 1, m - 1] if inside else np.zeros((2, 5), np.float32)
+                    np.testing.assert_array_equal(u[:, a, dy, m], expect)
+                    assert mask[n, dy, m] == ((dy - 1, m - n - 1) in NEIGHBOURS)
     r = jnp.asarray(np.random.default_rng(1).standard_normal(u.shape).astype(np.float32))
-    (adjoint,) = jax.linear_transpose(unfold_neighbours, jnp.asarray(t))(r)
-    np.testing.assert_allclose(fold_neighbours(r), adjoint, atol=1e-6)
+    (adjoint,) = jax.linear_transpose(neighbour_rows, jnp.asarray(t))(r)
+    np.testing.assert_allclose(fold_rows(r), adjoint, atol=1e-6)
 
 
 def test_depthwise_conv_and_gelu_match_torch():

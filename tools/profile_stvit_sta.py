@@ -72,10 +72,10 @@ class AblatedSTA(REAL_STA):
         # pool_unpool: cell means -> MHSA -> nearest upsampling, with STA's padding and crop.
         b, h, w, c = x.shape
         cells = stvit.to_cells(jnp.pad(x, ((0, 0), (0, -h % s), (0, -w % s), (0, 0))), s)
-        hh, ww = cells.shape[1:3]
-        tokens = Attention(self.num_heads, self.qkv_bias, name="stoken_refine")(cells.mean(axis=3).reshape(b, -1, c))
-        up = jnp.broadcast_to(tokens.reshape(b, hh, ww, 1, c), cells.shape)
-        return stvit.from_cells(up, s)[:, :h, :w]
+        hh, ww = cells.shape[1], cells.shape[3]
+        means = cells.mean(axis=(2, 4)).reshape(b, -1, c)
+        tokens = Attention(self.num_heads, self.qkv_bias, name="stoken_refine")(means).reshape(b, hh, 1, ww, 1, c)
+        return jnp.broadcast_to(tokens, cells.shape).reshape(b, hh * s, ww * s, c)[:, :h, :w]
 
 
 @contextlib.contextmanager

@@ -38,6 +38,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jvit.models.layers import (
     Attention,
@@ -58,72 +59,91 @@ from jvit.models.layers import (
 from jvit.registry import PretrainedCfg, register_variant
 
 # ---------------------------------------------------------------------------------------------
-# The 3x3 super-token neighbourhood: static pads and shifted slices, no gathers or loops over positions
+# The 3x3 super-token neighbourhood as a band over three super-token rows
 # ---------------------------------------------------------------------------------------------
 
 # Neighbour k of a cell sits at offset (dy, dx) = (k // 3 - 1, k % 3 - 1): row-major over the 3x3
-# window, the order of the original's one-hot unfold kernels.
+# window, the order of the original's one-hot unfold kernels (and of the sown ``affinity``).
 NEIGHBOURS: tuple[tuple[int, int], ...] = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
 
-
-def _pad_grid(t: jax.Array) -> jax.Array:
-    """Zero-pad the two grid axes (1 and 2) of ``[B, hh, ww, ...]`` by one cell on each side."""
-    return jnp.pad(t, ((0, 0), (1, 1), (1, 1)) + ((0, 0),) * (t.ndim - 3))
-
-
-def unfold_neighbours(t: jax.Array) -> jax.Array:
-    """Gather every cell's 3x3 neighbourhood: ``[B, hh, ww, ...]`` -> ``[B, hh, ww, 9, ...]``.
-
-    ``out[:, a, b, k] = t[:, a + dy_k, b + dx_k]``, and zero where that cell is outside the grid
-    (the original's ``Unfold``: a conv with the 9 one-hot 3x3 kernels, padding 1).
-    """
-    hh, ww = t.shape[1:3]
-    tp = _pad_grid(t)
-    return jnp.stack([tp[:, 1 + dy : 1 + dy + hh, 1 + dx : 1 + dx + ww] for dy, dx in NEIGHBOURS], axis=3)
+# Why a band: the pixels of cell row a are compared with ALL super tokens of the zero-padded rows
+# a-1, a, a+1 (3 * (ww + 2) of them), and the ones outside the pixel's 3x3 window get probability 0.
+# That is 3 * (ww + 2) / 9 times the multiply-adds of the 9 true neighbours (3x at 224 px, where
+# ww = 7; it grows with the image width), but each of STA's three contractions (association, sampling,
+# mapping back) becomes one batched matmul over (image, cell row) on the map in its own row-major
+# layout: no cell-major copies of whole activations in and out, and no 9-way stacks of shifted slices.
 
 
-def fold_neighbours(t: jax.Array) -> jax.Array:
-    """The adjoint of :func:`unfold_neighbours`: ``[B, hh, ww, 9, ...]`` -> ``[B, hh, ww, ...]``.
+def neighbour_rows(stokens: jax.Array) -> jax.Array:
+    """``[B, hh, ww, C]`` -> ``[B, hh, 3, ww + 2, C]``: for cell row a, super-token rows a-1, a, a+1 with
+    one zero column on each side; rows outside the grid are zero (the original's zero-padded Unfold)."""
+    hh = stokens.shape[1]
+    tp = jnp.pad(stokens, ((0, 0), (1, 1), (1, 1)) + ((0, 0),) * (stokens.ndim - 3))
+    return jnp.stack([tp[:, dy : dy + hh] for dy in range(3)], axis=2)
 
-    Each cell's value for neighbour k is sent to that neighbour and summed there:
-    ``out[:, m] = sum_k t[:, m - offset_k, k]``; values sent outside the grid are dropped (the
-    original's ``Fold``, a transposed conv with the same kernels).
-    """
-    hh, ww = t.shape[1:3]
-    tp = _pad_grid(t)
-    return sum(tp[:, 1 - dy : 1 - dy + hh, 1 - dx : 1 - dx + ww, k] for k, (dy, dx) in enumerate(NEIGHBOURS))
+
+def fold_rows(t: jax.Array) -> jax.Array:
+    """The adjoint of :func:`neighbour_rows`: ``[B, hh, 3, ww + 2, ...]`` -> ``[B, hh, ww, ...]``, each
+    band entry summed into the super token it stands for; entries for out-of-grid tokens are dropped
+    (the original's Fold)."""
+    hh = t.shape[1]
+    rest = ((0, 0),) * (t.ndim - 4)
+    acc = sum(jnp.pad(t[:, :, dy], ((0, 0), (dy, 2 - dy), (0, 0)) + rest) for dy in range(3))
+    return acc[:, 1 : hh + 1, 1:-1]
+
+
+def band_mask(ww: int) -> np.ndarray:
+    """``[ww, 3 * (ww + 2)]`` bool: band column (dy, m) is a 3x3 neighbour of cell column n iff m - n in {0, 1, 2}."""
+    diff = np.arange(ww + 2)[None, :] - np.arange(ww)[:, None]
+    return np.tile((diff >= 0) & (diff <= 2), (1, 3))
 
 
 def to_cells(x: jax.Array, s: int) -> jax.Array:
-    """``[B, hh*s, ww*s, C]`` -> ``[B, hh, ww, s*s, C]``: the pixels of each s x s cell, row-major."""
+    """``[B, hh*s, ww*s, C]`` -> ``[B, hh, s, ww, s, C]`` (cell row, row in cell, cell column, column in
+    cell): a reshape, no copy."""
     b, h, w, c = x.shape
-    x = x.reshape(b, h // s, s, w // s, s, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, h // s, w // s, s * s, c)
-
-
-def from_cells(x: jax.Array, s: int) -> jax.Array:
-    """Inverse of :func:`to_cells`: ``[B, hh, ww, s*s, C]`` -> ``[B, hh*s, ww*s, C]``."""
-    b, hh, ww, _, c = x.shape
-    return x.reshape(b, hh, ww, s, s, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, hh * s, ww * s, c)
+    return x.reshape(b, h // s, s, w // s, s, c)
 
 
 def associate(pixels: jax.Array, stokens: jax.Array, scale: float) -> tuple[jax.Array, jax.Array]:
-    """Pixel-to-super-token association (STS): ``(A [B, hh, ww, s*s, 9], Z [B, hh, ww])``.
+    """Pixel-to-super-token association (STS) of cell pixels ``[B, hh, s, ww, s, C]`` with super tokens
+    ``[B, hh, ww, C]``: ``(A [B, hh, s, ww, s, 3 * (ww + 2)], Z [B, hh, ww])``.
 
-    ``A[n, p, k] = softmax_k(scale * <pixel p of cell n, super token of neighbour k of n>)``. Out-of-grid
-    neighbours are zero vectors: they take part in the softmax with logit 0 and soak up mass (no
-    masking, as in the original). ``Z`` is each super token's total association (the column sums
-    of the sparse association map), gathered from the 3x3 cells around it.
+    ``A`` over the band of :func:`neighbour_rows` is ``softmax(scale * <pixel, super token>)`` over the
+    pixel's 3x3 neighbour cells and exactly 0 elsewhere. Out-of-grid neighbours are zero vectors: they
+    take part in the softmax with logit 0 and soak up mass (no masking, as in the original). ``Z`` is
+    each super token's total association (the column sums of the sparse association map).
     """
-    logits = jnp.einsum("bhwpc,bhwkc->bhwpk", pixels, unfold_neighbours(stokens)) * scale
-    affinity = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    return affinity, fold_neighbours(affinity.sum(axis=3))
+    b, hh, s, ww, _, c = pixels.shape
+    rows = neighbour_rows(stokens).reshape(b, hh, 3 * (ww + 2), c)
+    logits = jnp.einsum("bapc,baqc->bapq", pixels.reshape(b, hh, s * ww * s, c), rows)
+    # The mask enters as an additive -inf bias so that it fuses into the softmax.
+    outside = np.where(band_mask(ww), 0.0, -np.inf).astype(np.float32)[:, None]
+    logits = logits.reshape(b, hh, s, ww, s, -1).astype(jnp.float32) * scale + outside
+    affinity = jax.nn.softmax(logits, axis=-1)
+    return affinity, fold_rows(affinity.sum(axis=(2, 3, 4)).reshape(b, hh, 3, ww + 2))
 
 
 def sample_stokens(pixels: jax.Array, affinity: jax.Array, colsum: jax.Array) -> jax.Array:
     """Super tokens as association-weighted means of their pixels: ``[B, hh, ww, C]``."""
-    num = fold_neighbours(jnp.einsum("bhwpk,bhwpc->bhwkc", affinity.astype(pixels.dtype), pixels))
+    b, hh, s, ww, _, c = pixels.shape
+    num = jnp.einsum(
+        "bapq,bapc->baqc", affinity.reshape(b, hh, s * ww * s, -1).astype(pixels.dtype), pixels.reshape(b, hh, -1, c)
+    )
+    num = fold_rows(num.reshape(b, hh, 3, ww + 2, c))
     return num / (colsum[..., None] + 1e-12).astype(num.dtype)
+
+
+def neighbour_affinity(affinity: jax.Array) -> jax.Array:
+    """The band association ``[B, hh, s, ww, s, 3 * (ww + 2)]`` as ``[B, hh*s, ww*s, 9]`` over
+    :data:`NEIGHBOURS` (the original's layout), picking each pixel's 9 band entries."""
+    b, hh, s, ww = affinity.shape[:4]
+    pick = np.zeros((ww, 3, ww + 2, 9), np.float32)  # band (dy, m) of cell column n -> neighbour (dy, m - n)
+    for n in range(ww):
+        for k in range(9):
+            pick[n, k // 3, n + k % 3, k] = 1.0
+    picked = jnp.einsum("zaiyjq,yqk->zaiyjk", affinity, pick.reshape(ww, -1, 9))
+    return picked.reshape(b, hh * s, ww * s, 9)
 
 
 class SuperTokenAttention(nn.Module):
@@ -176,12 +196,14 @@ class SuperTokenAttention(nn.Module):
             raise ValueError(f"n_iter must be >= 1 for super-token stages, got {self.n_iter}")
 
         pad_b, pad_r = -h % s, -w % s
-        pixels = to_cells(jnp.pad(x, ((0, 0), (0, pad_b), (0, pad_r), (0, 0))), s)
-        hh, ww = pixels.shape[1:3]
+        if pad_b or pad_r:
+            x = jnp.pad(x, ((0, 0), (0, pad_b), (0, pad_r), (0, 0)))
+        pixels = to_cells(x, s)
+        hh, ww = pixels.shape[1], pixels.shape[3]
 
         # The association is a constant for autodiff (the original runs it under no_grad).
         const_pixels = jax.lax.stop_gradient(pixels)
-        stokens = const_pixels.mean(axis=3)
+        stokens = const_pixels.mean(axis=(2, 4))
         self.sow("intermediates", "stokens_init", stokens)
         for it in range(self.n_iter):
             affinity, colsum = associate(const_pixels, stokens, c**-0.5)
@@ -189,7 +211,7 @@ class SuperTokenAttention(nn.Module):
                 stokens = sample_stokens(const_pixels, affinity, colsum)
         affinity, colsum = jax.lax.stop_gradient((affinity, colsum))
         if self.is_mutable_collection("intermediates"):
-            self.sow("intermediates", "affinity", from_cells(affinity, s))
+            self.sow("intermediates", "affinity", neighbour_affinity(affinity))
             self.sow("intermediates", "affinity_colsum", colsum[..., None])
 
         stokens = sample_stokens(pixels, affinity, colsum)
@@ -197,8 +219,10 @@ class SuperTokenAttention(nn.Module):
         stokens = refine(stokens.reshape(b, hh * ww, c), train).reshape(b, hh, ww, c)
         self.sow("intermediates", "stokens_refined", stokens)
 
-        out = jnp.einsum("bhwkc,bhwpk->bhwpc", unfold_neighbours(stokens), affinity.astype(stokens.dtype))
-        return from_cells(out, s)[:, :h, :w]
+        # y = sum over the band of A * S': one matmul per cell row, written in the map's own layout.
+        rows = neighbour_rows(stokens).reshape(b, hh, 3 * (ww + 2), c)
+        out = jnp.einsum("bapq,baqc->bapc", affinity.reshape(b, hh, s * ww * s, -1).astype(rows.dtype), rows)
+        return out.reshape(b, hh * s, ww * s, c)[:, :h, :w]
 
 
 # ---------------------------------------------------------------------------------------------
