@@ -63,6 +63,26 @@ def test_parity_reduced(family, case):
     assert errors["logits"] < 1e-5 * max(1.0, float(np.abs(io["logits"]).max())), errors
 
 
+def test_parity_scanned_layout():
+    """DeiT with ``scan_blocks=True``: the converter gives the stacked layout, the logits match the original
+    and the stacked ``blocks/out`` holds every block's output in order."""
+    meta, io, ckpt = load_case("deit", "deit_reduced")
+    name, kw = case_model("deit", meta["kwargs"])
+    variables = jvit.convert.load_torch_checkpoint(
+        ckpt, name, img_size=meta["kwargs"]["img_size"], scan_blocks=True, **kw
+    )
+    model = jvit.create_model(
+        name, num_classes=meta["kwargs"]["num_classes"], img_size=meta["kwargs"]["img_size"], scan_blocks=True, **kw
+    )
+    assert "blocks" in variables["params"] and "blocks_0" not in variables["params"]
+    logits, inter = run_with_intermediates(model, variables, nchw_to_nhwc(io["images"]))
+    assert_parity("logits", logits, io["logits"])
+    block_outs = sorted((k for k in io if k.startswith("blocks_") and k.endswith("/out")), key=lambda k: int(k[7:-4]))
+    assert block_outs and inter["blocks/out"].shape[0] == len(block_outs)
+    for i, key in enumerate(block_outs):
+        assert_parity(key, inter["blocks/out"][i], io[key])
+
+
 FULL = [
     "deit_tiny",
     "deit_small",

@@ -144,7 +144,7 @@ class SwinBlock(nn.Module):
         if length != height * width:
             raise ValueError(f"Swin block expects {height}x{width}={height * width} tokens, got {length}")
         m, s = self.window, self.shift
-        drop_path = DropPath(self.drop_path)
+        drop_path = DropPath(rate=self.drop_path)
         y = layer_norm(_EPS, name="norm1", dtype=self.dtype)(x).reshape(b, height, width, c)
         if s:
             y = jnp.roll(y, (-s, -s), axis=(1, 2))
@@ -232,7 +232,7 @@ class SwinStage(nn.Module):
         if self.downsample:
             if self.resolution[0] % 2 or self.resolution[1] % 2:
                 raise ValueError(f"patch merging needs an even token map, got {self.resolution}")
-            x = PatchMerging(self.resolution, dtype=self.dtype, name="downsample")(x)
+            x = PatchMerging(resolution=self.resolution, dtype=self.dtype, name="downsample")(x)
         return x
 
 
@@ -267,8 +267,10 @@ class Swin(nn.Module):
             raise ValueError(f"depths {self.depths} and num_heads {self.num_heads} differ in length")
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
-        self.patch_embed = PatchEmbed(self.embed_dim, self.patch_size, norm_eps=_EPS, dtype=self.dtype)
-        self.pos_drop = nn.Dropout(self.drop_rate)
+        self.patch_embed = PatchEmbed(
+            embed_dim=self.embed_dim, patch_size=self.patch_size, norm_eps=_EPS, dtype=self.dtype
+        )
+        self.pos_drop = nn.Dropout(rate=self.drop_rate)
         rates = drop_path_rates(self.drop_path_rate, sum(self.depths))
         stages, res = [], self.img_size // self.patch_size
         for i, (depth, heads) in enumerate(zip(self.depths, self.num_heads)):
