@@ -275,21 +275,18 @@ def dot_product_attention(
     sow them as an intermediate.
 
     Without attention dropout in effect and without ``on_probs`` this is ``jax.nn.dot_product_attention``,
-    which XLA lowers to the same einsums on CPU and which reaches cuDNN's fused (flash) attention on GPU
-    in bf16/fp16; the probabilities then never exist as an ``[N, N]`` array in memory. Otherwise the two
-    products run heads-first (``[B, heads, N, hd]``): XLA:CPU lowers token-major einsums with strided
-    operands, about 2x slower forward and backward at ViT sizes.
+    which XLA lowers to the same einsums on CPU and which reaches cuDNN's fused (flash) attention on
+    GPU in bf16/fp16; the probabilities then never exist as an ``[N, N]`` array in memory.
     """
     if on_probs is None and (dropout is None or not train or dropout.rate == 0.0):
         return jax.nn.dot_product_attention(q, k, v, scale=scale).astype(v.dtype)
-    q, k, v = (t.swapaxes(1, 2) for t in (q, k, v))
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k) * scale
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
     attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
     if on_probs is not None:
         on_probs(attn)
     if dropout is not None:
         attn = dropout(attn, deterministic=not train)
-    return jnp.einsum("bhqk,bhkd->bhqd", attn, v).swapaxes(1, 2)
+    return jnp.einsum("bhqk,bkhd->bqhd", attn, v)
 
 
 class Attention(nn.Module):

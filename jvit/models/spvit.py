@@ -152,14 +152,12 @@ class SpatialPriorAttention(nn.Module):
         prior = self.prior(grid)
         self.sow("intermediates", "spsa_prior", prior)
 
-        # Scaled logits first, then the prior (the original's order); softmax in float32. The products run
-        # heads-first ([B, heads, N, hd]): XLA:CPU's token-major einsums are ~2x slower (layers.dot_product_attention).
-        q, k, v = (t.swapaxes(1, 2) for t in (q, k, v))
-        logits = jnp.einsum("bhqd,bhkd->bhqk", q, k) * scale
+        # Scaled logits first, then the prior (the original's order); softmax in float32.
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
         attn = jax.nn.softmax(logits.astype(jnp.float32) * prior, axis=-1)
         self.sow("intermediates", "attn_probs", attn)
         attn = self.attn_dropout(attn, deterministic=not train).astype(v.dtype)
-        out = jnp.einsum("bhqk,bhkd->bhqd", attn, v).swapaxes(1, 2).reshape(b, n, c)
+        out = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, n, c)
         return self.proj_dropout(self.proj(out), deterministic=not train)
 
 
@@ -225,9 +223,7 @@ class PosCNN(nn.Module):
         if grid * grid != n:
             raise ValueError(f"PosCNN needs the patch tokens of a square grid; got {n} (has_cls={has_cls})")
         g = patches.reshape(b, grid, grid, c)
-        # The depthwise conv as shifted multiply-adds (layers.DepthwiseConv2d, same parameters): XLA:CPU runs a
-        # feature_group_count conv and its gradients at ~0.1 GFLOP/s (5% of a train step).
-        g = g + layers.DepthwiseConv2d(3, dtype=self.dtype, name="proj_0")(g)
+        g = g + conv2d(c, 3, in_features=c, padding=1, groups=c, name="proj_0", dtype=self.dtype)(g)
         patches = g.reshape(b, n, c)
         return jnp.concatenate([x[:, :1], patches], axis=1) if has_cls else patches
 
