@@ -65,7 +65,7 @@ def layer_norm(eps: float, name: str | None = None, dtype: Dtype = jnp.float32) 
 
 
 def batch_norm(
-    train: bool,
+    train: bool | None,
     eps: float = 1e-5,
     torch_momentum: float = 0.1,
     name: str | None = None,
@@ -75,14 +75,16 @@ def batch_norm(
 
     Flax's ``momentum`` is the weight of the old running value, PyTorch's the weight of the new
     one, hence ``1 - torch_momentum``. Batch statistics are used when ``train`` is true (and the
-    ``batch_stats`` collection must then be mutable), running statistics otherwise.
+    ``batch_stats`` collection must then be mutable), running statistics otherwise; ``train=None``
+    leaves the choice to each call (``norm(x, use_running_average=not train)``, for modules built in
+    ``setup``).
 
     Deviation (training only): PyTorch updates ``running_var`` with the unbiased batch variance,
     Flax with the biased one; for the batch x spatial sizes these models train on the factor
     ``n / (n - 1)`` is below 1.0001.
     """
     return nn.BatchNorm(
-        use_running_average=not train,
+        use_running_average=None if train is None else not train,
         momentum=1.0 - torch_momentum,
         epsilon=eps,
         use_fast_variance=False,

@@ -493,8 +493,8 @@ class STViT(nn.Module):
             for i in range(num_stages)
         ]
         self.proj = torch_dense(features=self.projection, in_features=self.embed_dim[-1], dtype=self.dtype)
-        # batch_norm fixes train/eval at construction; here the mode arrives with each call.
-        self.norm = batch_norm(True, eps=1e-5, torch_momentum=0.1, dtype=self.dtype).clone(use_running_average=None)
+        # Built in setup, so the train/eval mode arrives with each call.
+        self.norm = batch_norm(None, eps=1e-5, torch_momentum=0.1, dtype=self.dtype)
         if self.num_classes:
             self.head = dense(features=self.num_classes, dtype=jnp.float32)
 
