@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+import jvit.convert.layout
+
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SHARED = Path(os.environ.get("JVIT_SHARED_PARITY", Path(__file__).resolve().parents[2] / "shared" / "parity"))
 
@@ -51,14 +53,19 @@ def nchw_to_nhwc(x: np.ndarray) -> np.ndarray:
 
 
 def apply_with_intermediates(
-    model, variables, images_nhwc, by_path: bool = False
+    model, variables, images_nhwc, by_path: bool = False, unrolled: bool = False
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Eval-mode logits and every sown intermediate, keyed by its last name (``by_path``: by its
-    ``/``-joined module path, e.g. ``blocks_3/out``, the scheme of :mod:`jvit.models`)."""
+    ``/``-joined module path, e.g. ``blocks_3/out``, the scheme of :mod:`jvit.models`). ``unrolled``:
+    a scanned stack's intermediates (``blocks_1-11/out`` ``[depth, ...]``) are split per block
+    (``blocks_1/out`` ...), as the unrolled model sows them."""
     fn = jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=["intermediates"]))
     logits, state = fn(variables, images_nhwc)
+    sown = state.get("intermediates", {})
+    if unrolled:
+        sown = jvit.convert.layout.unstack_blocks(jax.tree.map(np.asarray, sown))
     inter: dict[str, np.ndarray] = {}
-    for path, value in traverse_util.flatten_dict(state.get("intermediates", {})).items():
+    for path, value in traverse_util.flatten_dict(sown).items():
         name = "/".join(path) if by_path else path[-1]
         if name in inter:
             raise AssertionError(f"intermediate {name!r} is sown twice ({'/'.join(path)})")

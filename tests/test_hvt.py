@@ -63,13 +63,30 @@ def jvit_key(fixture_key: str) -> str:
     return re.sub(r"^block_(\d+)_(out|prepool)$", lambda m: f"blocks_{int(m[1])}/{m[2]}", fixture_key)
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_parity(case):
+# Cases that also run with scan_blocks (stacked layout, converted by the same call) and the block entries
+# their params then hold: a pooling block and a scanned run per stage (runs of one block in reduced_pool3),
+# and the whole stack of the unpooled HVT-S-0 structure.
+SCANNED = {
+    "reduced_pool3": ["blocks_0", "blocks_1-1", "blocks_2", "blocks_3-3", "blocks_4", "blocks_5-5"],
+    "reduced_cifar32": ["blocks_0", "blocks_1-3"],
+    "reduced_nopool": ["blocks"],
+}
+
+
+@pytest.mark.parametrize(
+    "case,scan",
+    [(c, False) for c in CASES] + [(c, True) for c in SCANNED],
+    ids=CASES + [f"{c}-scanned" for c in SCANNED],
+)
+def test_parity(case, scan):
     meta, io, ckpt = load_case("hvt", case)
     name, kw = case_model(meta)
+    kw["scan_blocks"] = scan
     variables = jvit.convert.load_torch_checkpoint(ckpt, name, img_size=meta["img_size"], **kw)
     model = jvit.create_model(name, num_classes=meta["num_classes"], img_size=meta["img_size"], **kw)
-    logits, inter = apply_with_intermediates(model, variables, nchw_to_nhwc(io["images"]), by_path=True)
+    if scan:
+        assert sorted(k for k in variables["params"] if k.startswith("blocks")) == SCANNED[case]
+    logits, inter = apply_with_intermediates(model, variables, nchw_to_nhwc(io["images"]), by_path=True, unrolled=scan)
     refs = {k: v for k, v in io.items() if k not in ("images", "logits")}
     # Every intermediate the original recorded is compared (none silently skipped), and jvit sows
     # exactly the same set: a pooling block that pools too much or too little shows up here.

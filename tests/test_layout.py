@@ -54,7 +54,7 @@ def test_stack_and_unstack_are_inverse_on_every_collection():
 def test_stacking_refuses_blocks_that_do_not_stack():
     tree = _tree()
     del tree["params"]["blocks_1"]
-    with pytest.raises(ValueError, match=r"params/: blocks \[0, 2\] are not numbered 0..1"):
+    with pytest.raises(ValueError, match=r"params/: blocks \[0, 2\] are not numbered without gaps"):
         stack_blocks(tree)
     tree = _tree()
     tree["params"]["blocks_2"]["attn"]["kernel"] = np.zeros((4, 5))
@@ -64,6 +64,26 @@ def test_stacking_refuses_blocks_that_do_not_stack():
     tree["params"]["blocks_1"]["extra"] = np.zeros(1)
     with pytest.raises(ValueError, match="params/blocks_1 has other entries"):
         stack_blocks(tree)
+
+
+def test_runs_of_blocks_stack_under_their_range_and_unstack_back():
+    """A model that scans blocks 1..2 only (its block 0 differs) holds ``blocks_0`` and ``blocks_1-2``."""
+    tree = _tree()
+    reference = {"params": {"blocks_0": {}, "blocks_1-2": {}, "head": {}}}
+    matched = match_layout(tree, reference)
+    assert set(matched["params"]) == {"blocks_0", "blocks_1-2", "head"}
+    np.testing.assert_array_equal(
+        matched["params"]["blocks_1-2"]["attn"]["kernel"][1], tree["params"]["blocks_2"]["attn"]["kernel"]
+    )
+    back = unstack_blocks(matched)
+    assert traverse_util.flatten_dict(back).keys() == traverse_util.flatten_dict(tree).keys()
+    for k, v in traverse_util.flatten_dict(back["params"]).items():
+        np.testing.assert_array_equal(v, traverse_util.flatten_dict(tree["params"])[k])
+    # The same blocks from the whole-stack layout, and a run whose name does not fit its depth.
+    assert set(match_layout(stack_blocks(tree), reference)["params"]) == {"blocks_0", "blocks_1-2", "head"}
+    bad = {"params": {"blocks_0-5": stack_blocks(tree)["params"]["blocks"]}}
+    with pytest.raises(ValueError, match="blocks_0-5: its leaves stack 3 blocks"):
+        unstack_blocks(bad)
 
 
 class _Stack(nn.Module):
@@ -196,3 +216,22 @@ def test_weight_decay_skips_the_same_parameters_in_both_layouts():
     expect = {k: v for k, v in traverse_util.flatten_dict(mask).items() if k[0] != "blocks_1" and k[0] != "blocks_2"}
     got = {(("blocks_0",) + k[1:] if k[0] == "blocks" else k): v for k, v in traverse_util.flatten_dict(mask_s).items()}
     assert got == expect
+
+
+def test_runs_of_a_segmented_model_keep_their_block_ids_and_decay():
+    """HVT scans each stage's plain blocks as a run (``blocks_1-2``, ``blocks_4-5``) between unrolled pooling
+    blocks: layer decay ids and the weight-decay mask are per block as in the unrolled layout."""
+    kw = dict(num_classes=5, img_size=64, num_heads=1, head_dim=8, num_blocks=6, pool_block_width=3)
+    unrolled = abstract_variables(jvit.create_model("hvt_ti_1", **kw))["params"]
+    scanned = abstract_variables(jvit.create_model("hvt_ti_1", scan_blocks=True, **kw))["params"]
+    assert sorted(k for k in scanned if k.startswith("blocks")) == ["blocks_0", "blocks_1-2", "blocks_3", "blocks_4-5"]
+    zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), unrolled)
+    assert jax.tree.map(np.shape, match_layout(zeros, scanned)) == jax.tree.map(np.shape, scanned)
+    ids, depth = finetune.layer_ids(unrolled)
+    ids_s, depth_s = finetune.layer_ids(scanned)
+    assert depth == depth_s == 6
+    np.testing.assert_array_equal(ids_s["blocks_4-5"]["mlp"]["fc1"]["kernel"].ravel(), [5, 6])
+    assert ids_s["blocks_3"]["pos_embed"] == ids["blocks_3"]["pos_embed"] == 4 and ids_s["head"]["kernel"] == 7
+    config = ml_collections.ConfigDict({"optimizer": {"wd_exclude_1d": True, "wd_exclude": (), "wd_include": ()}})
+    mask_s = optim.weight_decay_mask(scanned, config)
+    assert mask_s["blocks_1-2"]["attn"]["qkv"]["kernel"] and not mask_s["blocks_1-2"]["norm1"]["scale"]

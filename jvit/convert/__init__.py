@@ -20,6 +20,7 @@ from jvit.convert.torch_io import (
     to_numpy,
 )
 from jvit.registry import create_model, get_model_entry, get_pretrained_cfg
+from jvit.utils import abstract_variables
 
 __all__ = [
     "CheckpointFormatError",
@@ -71,12 +72,13 @@ def convert_checkpoint(
         head = state_dict.get(rules.head_key)
         num_classes = int(head.shape[0]) if head is not None else cfg.num_classes
     model = create_model(name, num_classes=num_classes, img_size=img_size, **model_kwargs)
-    # A scanned model converts as its unrolled twin (the originals' one-entry-per-block layout), then stacks.
+    # A scanned model converts as its unrolled twin (the originals' one-entry-per-block layout), then
+    # stacks its blocks the way the model holds them (all in ``blocks``, or runs ``blocks_<a>-<b>``).
     scanned = bool(getattr(model, "scan_blocks", False))
     target = model.clone(scan_blocks=False) if scanned else model
     variables, report = convert_state_dict(state_dict, target, rules, model_name=name, weights_key=used_key)
     if scanned:
-        variables = layout.stack_blocks(variables)
+        variables = layout.match_layout(variables, abstract_variables(model))
     log.info("%s", report)
     return variables, report
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from jvit.models.layers import (
     Block,
+    BlockStack,
     Dtype,
     check_image,
     conv2d,
@@ -96,8 +97,8 @@ class PatchEmbed(nn.Module):
         return x
 
 
-class HVTBlock(Block):
-    """A pre-LN ViT block (qkv bias, exact GELU) that, if ``downsample``, ends with HVT's pooling::
+class PoolingBlock(Block):
+    """A pre-LN ViT block (qkv bias, exact GELU) that ends with HVT's pooling::
 
         x = Block(x)
         x = MaxPool1d(x, pool_kernel_size, pool_stride) + pos_embed
@@ -106,24 +107,19 @@ class HVTBlock(Block):
     residual, with no norm or projection around it; ``pos_embed`` ``[1, L_out, C]`` is this block's
     own learned embedding of the pooled sequence.
 
-    Intermediates sown: ``out``, the block's output (pooled, with the stage pos-embed added, in a
-    pooling block), and in pooling blocks only ``prepool``, the output before pooling.
+    Intermediates sown: ``prepool``, the block's output before pooling.
     """
 
-    downsample: bool = False
     pool_kernel_size: int = 3
     pool_stride: int = 2
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         x = super().__call__(x, train)
-        if self.downsample:
-            self.sow("intermediates", "prepool", x)
-            x = max_pool_tokens(x, self.pool_kernel_size, self.pool_stride)
-            pos_embed = self.param("pos_embed", trunc_normal_02, (1,) + x.shape[1:], jnp.float32)
-            x = x + pos_embed.astype(x.dtype)
-        self.sow("intermediates", "out", x)
-        return x
+        self.sow("intermediates", "prepool", x)
+        x = max_pool_tokens(x, self.pool_kernel_size, self.pool_stride)
+        pos_embed = self.param("pos_embed", trunc_normal_02, (1,) + x.shape[1:], jnp.float32)
+        return x + pos_embed.astype(x.dtype)
 
 
 class HVT(nn.Module):
@@ -140,7 +136,10 @@ class HVT(nn.Module):
       ``0`` means no pooling at all (HVT-S-0, which the original factory cannot express);
     * ``num_classes``: ``0`` returns the pooled features (the original's ``Identity`` head);
     * ``remat``: ``'none' | 'block' | 'dots'``, activation rematerialisation of every block
-      (:func:`jvit.models.layers.remat`).
+      (:func:`jvit.models.layers.remat`);
+    * ``scan_blocks``: run each stage's plain blocks (those after its pooling block) as one
+      ``nn.scan`` (:class:`jvit.models.layers.BlockStack`): one traced block per stage, whatever its
+      length, and no residual-stream copies between the blocks of a run in the backward pass.
 
     ``drop_rate`` is dropout after the pos-embed, attention projection and MLP layers;
     ``drop_path_rate`` the stochastic depth of the last block (linear from 0; the recipe uses 0.1).
@@ -149,12 +148,15 @@ class HVT(nn.Module):
     image rows, so the pooled tokens form no grid (only HVT-S-0's unpooled tokens would).
 
     Parameters mirror the original's state dict (``patch_embed``, ``pos_embed``, ``blocks_<i>`` with
-    ``blocks_<i>/pos_embed`` in pooling blocks, ``norm``, ``head``).
+    ``blocks_<i>/pos_embed`` in pooling blocks, ``norm``, ``head``). With ``scan_blocks`` the plain blocks
+    ``a .. b`` of a stage are one stacked entry ``blocks_<a>-<b>`` (``blocks`` without pooling), the
+    layout :mod:`jvit.convert.layout` converts.
 
     Intermediates sown (the scheme of :mod:`jvit.models`): ``patch_embed/out`` (the scheme's
     ``patch_embed``, under the module that computes it), ``tokens_in`` (HVT's own:
     the patch tokens plus the global pos-embed, the sequence entering block 0 and the first stage of
-    :func:`jvit.viz.hvt_stage_tokens`), ``blocks_<i>/out``, ``blocks_<i>/prepool`` (pooling blocks:
+    :func:`jvit.viz.hvt_stage_tokens`), ``blocks_<i>/out`` (a scanned run: ``blocks_<a>-<b>/out``
+    ``[b - a + 1, B, L, C]``), ``blocks_<i>/prepool`` (pooling blocks:
     the output before the max pool), ``tokens`` (the final-LayerNorm tokens) and ``features`` (their
     mean, what the head reads).
     """
@@ -172,6 +174,7 @@ class HVT(nn.Module):
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     remat: str = "none"
+    scan_blocks: bool = False
     dtype: Dtype = jnp.float32
 
     def setup(self):
@@ -195,24 +198,37 @@ class HVT(nn.Module):
         self.pos_embed = self.param("pos_embed", trunc_normal_02, (1, self.token_counts[0], dim), jnp.float32)
         self.pos_drop = nn.Dropout(rate=self.drop_rate)
         rates = drop_path_rates(self.drop_path_rate, self.num_blocks)
-        w = self.pool_block_width
-        block = remat(HVTBlock, self.remat)
-        self.blocks = [
-            block(
-                num_heads=self.num_heads,
-                mlp_ratio=self.mlp_ratio,
-                qkv_bias=True,
-                drop=self.drop_rate,
-                drop_path=rates[i],
-                norm_eps=NORM_EPS,
-                downsample=bool(w) and i % w == 0,
-                pool_kernel_size=self.pool_kernel_size,
-                pool_stride=self.pool_stride,
-                dtype=self.dtype,
-                name=f"blocks_{i}",
-            )
-            for i in range(self.num_blocks)
-        ]
+        kwargs = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, qkv_bias=True, drop=self.drop_rate)
+        kwargs.update(norm_eps=NORM_EPS, dtype=self.dtype)
+        # Stage s: its pooling block, then the run of plain blocks up to the next stage (with no pooling at
+        # all, HVT-S-0, one run of every block). A run is one BlockStack, scanned with scan_blocks.
+        w = self.pool_block_width or self.num_blocks
+        stages = []
+        for first in range(0, self.num_blocks, w):
+            run = range(first + bool(self.pool_block_width), min(first + w, self.num_blocks))
+            pool = None
+            if self.pool_block_width:
+                pool = remat(PoolingBlock, self.remat)(
+                    **kwargs,
+                    drop_path=rates[first],
+                    pool_kernel_size=self.pool_kernel_size,
+                    pool_stride=self.pool_stride,
+                    name=f"blocks_{first}",
+                )
+            stack = None
+            if len(run):
+                stack = BlockStack(
+                    block=Block,
+                    depth=len(run),
+                    block_kwargs=kwargs,
+                    drop_path_rate=rates[run.start : run.stop],
+                    scan=self.scan_blocks,
+                    remat=self.remat,
+                    start=run.start,
+                    segment=len(run) < self.num_blocks,
+                )
+            stages.append((pool, stack))
+        self.stages = stages
         self.norm = layer_norm(NORM_EPS, dtype=self.dtype)
         if self.num_classes:
             self.head = dense(self.num_classes, dtype=jnp.float32)
@@ -225,8 +241,12 @@ class HVT(nn.Module):
         x = x + self.pos_embed.astype(x.dtype)
         self.sow("intermediates", "tokens_in", x)
         x = self.pos_drop(x, deterministic=not train)
-        for block in self.blocks:
-            x = block(x, train)
+        for pool, stack in self.stages:
+            if pool is not None:
+                x = pool(x, train)
+                pool.sow("intermediates", "out", x)
+            if stack is not None:
+                x = stack(x, train)
         x = self.norm(x)
         self.sow("intermediates", "tokens", x)
         return x

@@ -426,20 +426,24 @@ class _ScanStep(nn.Module):
 class BlockStack(nn.Module):
     """``depth`` identical blocks ``x = block_i(x, train)`` in sequence, unrolled or scanned.
 
-    ``block(**block_kwargs, drop_path=rate_i)`` is built once per block with the stochastic-depth
-    rates of :func:`drop_path_rates` (``drop_path_rate`` at the last block) and wrapped with
-    :func:`remat` (``remat`` policy; the block's ``__call__(x, train)`` with ``train`` static).
+    ``block(**block_kwargs, drop_path=rate_i)`` is built once per block and wrapped with :func:`remat`
+    (``remat`` policy; the block's ``__call__(x, train)`` with ``train`` static). ``drop_path_rate`` is
+    either the stochastic-depth rate of the last block (rates rising linearly from 0,
+    :func:`drop_path_rates`) or the sequence of every block's rate (a run cut from a longer schedule).
 
-    The stack shares its parent's scope, so the layouts below are the parent's own entries:
+    The stack shares its parent's scope, so the layouts below are the parent's own entries
+    (``start`` is the index of the stack's first block among the parent's blocks):
 
-    * ``scan=False``: blocks ``blocks_0 .. blocks_{depth-1}``, each sowing intermediate
+    * ``scan=False``: blocks ``blocks_<start> .. blocks_<start + depth - 1>``, each sowing intermediate
       ``blocks_<i>/out``; the compiled program holds ``depth`` copies of the block.
     * ``scan=True``: one ``flax.linen.scan`` over the blocks. Every collection of the block has one
-      entry ``blocks`` whose leaves carry a leading ``depth`` axis (leaf ``i`` along it is block ``i``'s),
-      the per-block drop-path rates are a scanned input (a traced scalar in :class:`DropPath`), ``params``
-      and ``dropout`` rngs are split per block, and the intermediate ``blocks/out`` is stacked
-      ``[depth, B, ...]``. The block is traced and compiled once whatever ``depth`` (compile time
-      independent of depth); remat, if any, applies inside the scan body, per block.
+      entry whose leaves carry a leading ``depth`` axis (leaf ``i`` along it is block ``start + i``'s):
+      ``blocks``, or ``blocks_<first>-<last>`` when the stack is a ``segment``, a run of the parent's
+      blocks whose neighbours differ (:func:`jvit.convert.layout.segment_key`). The per-block drop-path
+      rates are a scanned input (a traced scalar in :class:`DropPath`), ``params`` and ``dropout``
+      rngs are split per block, and the intermediate ``out`` is stacked ``[depth, B, ...]``. The block
+      is traced and compiled once whatever ``depth`` (compile time independent of depth); remat, if
+      any, applies inside the scan body, per block.
 
     :mod:`jvit.convert.layout` converts variables between the two layouts; the outputs agree up to
     float reassociation (and, in training, the random draws of dropout and drop-path differ).
@@ -454,9 +458,20 @@ class BlockStack(nn.Module):
     block: type[nn.Module]
     depth: int
     block_kwargs: Mapping[str, Any]
-    drop_path_rate: float = 0.0
+    drop_path_rate: float | Sequence[float] = 0.0
     scan: bool = False
     remat: str = "none"
+    start: int = 0
+    segment: bool = False
+
+    @property
+    def rates(self) -> list[float]:
+        """Every block's stochastic-depth rate."""
+        if isinstance(self.drop_path_rate, (int, float)):
+            return drop_path_rates(float(self.drop_path_rate), self.depth)
+        if len(self.drop_path_rate) != self.depth:
+            raise ValueError(f"BlockStack: {len(self.drop_path_rate)} drop-path rates for {self.depth} blocks")
+        return [float(r) for r in self.drop_path_rate]
 
     def setup(self):
         # The blocks are the parent's children by name (checkpoint and converter paths do not see the stack).
@@ -470,17 +485,18 @@ class BlockStack(nn.Module):
                 in_axes=(0, nn.broadcast),
                 length=self.depth,
             )
-            self.scanned = step(block, self.block_kwargs, name="blocks")
+            name = f"blocks_{self.start}-{self.start + self.depth - 1}" if self.segment else "blocks"
+            self.scanned = step(block, self.block_kwargs, name=name)
         else:
-            rates = drop_path_rates(self.drop_path_rate, self.depth)
             self.unrolled = [
-                block(**self.block_kwargs, drop_path=rate, name=f"blocks_{i}") for i, rate in enumerate(rates)
+                block(**self.block_kwargs, drop_path=rate, name=f"blocks_{self.start + i}")
+                for i, rate in enumerate(self.rates)
             ]
 
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         if self.scan:
-            rates = drop_path_rates(self.drop_path_rate, self.depth)
-            return self.scanned(x, jnp.asarray(rates, jnp.float32) if self.drop_path_rate else None, train)[0]
+            rates = self.rates
+            return self.scanned(x, jnp.asarray(rates, jnp.float32) if any(rates) else None, train)[0]
         for block in self.unrolled:
             x = block(x, train)
             block.sow("intermediates", "out", x)

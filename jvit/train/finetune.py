@@ -30,7 +30,7 @@ import jvit.checkpoint
 from jvit.errors import ConfigError
 
 _BLOCK = re.compile(r"(?:^|/)(?:layers_(\d+)/)?blocks_(\d+)/")
-_STACKED = re.compile(r"(?:^|/)(?:layers_(\d+)/)?blocks/")
+_STACKED = re.compile(r"(?:^|/)(?:layers_(\d+)/)?blocks(?:_(\d+)-\d+)?/")
 _DOWNSAMPLE = re.compile(r"(?:^|/)layers_(\d+)/downsample/")
 
 
@@ -41,13 +41,14 @@ def _path(path: tuple[Any, ...]) -> str:
 def layer_ids(params: Any) -> tuple[Any, int]:
     """``(tree of layer ids like params, number of blocks L)`` for layer-wise lr decay (module docstring).
 
-    A stacked leaf (``blocks/...``, ``[depth, ...]``) gets an integer array of ids ``[depth, 1, ...]``.
+    A stacked leaf (``blocks/...`` or a run ``blocks_<a>-<b>/...``, ``[depth, ...]``) gets an integer array
+    of ids ``[depth, 1, ...]``.
     """
     leaves = [(_path(p), leaf) for p, leaf in jax.tree_util.tree_leaves_with_path(params)]
     blocks = {(int(m[1] or 0), int(m[2])) for m in (_BLOCK.search(name) for name, _ in leaves) if m}
     for name, leaf in leaves:
         if m := _STACKED.search(name):
-            blocks |= {(int(m[1] or 0), i) for i in range(leaf.shape[0])}
+            blocks |= {(int(m[1] or 0), int(m[2] or 0) + i) for i in range(leaf.shape[0])}
     blocks = sorted(blocks)
     index = {b: i for i, b in enumerate(blocks)}
     last_of_stage = {stage: i for i, (stage, _) in enumerate(blocks)}
@@ -59,7 +60,8 @@ def layer_ids(params: Any) -> tuple[Any, int]:
             return index[(int(block[1] or 0), int(block[2]))] + 1
         stacked = _STACKED.search(name)
         if stacked:
-            ids = [index[(int(stacked[1] or 0), i)] + 1 for i in range(leaf.shape[0])]
+            start = int(stacked[2] or 0)
+            ids = [index[(int(stacked[1] or 0), start + i)] + 1 for i in range(leaf.shape[0])]
             return np.asarray(ids).reshape((-1,) + (1,) * (leaf.ndim - 1))
         down = _DOWNSAMPLE.search(name)
         if down and int(down[1]) in last_of_stage:
