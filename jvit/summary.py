@@ -9,7 +9,9 @@ analyses on the current backend: FLOPs are XLA's ``cost_analysis`` of the eval f
 counts element-wise ops, softmax and normalisations, so ``gmacs`` runs 1-11 % above the papers' counts
 of matmul/conv multiply-adds, e.g. HVT-Ti-1 0.649 vs 0.642, So-ViT-7 1.434 vs 1.295), and the
 activation memory per image is the growth of the compiled train-mode forward + backward's temporary
-buffers from batch 1 to batch 2 (what each extra image costs when training).
+buffers from batch 1 to batch 2 (what each extra image costs when training). A model with scanned blocks
+(``scan_blocks``) is analysed as its unrolled twin, the same computation: XLA's cost analysis counts
+the body of a loop once, not once per iteration.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ def summarize(model: nn.Module, variables: dict[str, Any] | None = None) -> dict
     ``flops_per_image``, ``gmacs_per_image``, ``activation_bytes_per_image`` (train mode) and
     ``img_size``. A figure the backend does not report is ``None``.
     """
+    if getattr(model, "scan_blocks", False):
+        model, variables = model.clone(scan_blocks=False), None  # see the module docstring
     size = model.img_size
     image = lambda b: jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32)
     if variables is None:

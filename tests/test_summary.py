@@ -23,6 +23,15 @@ def test_summary_of_a_tiny_model():
     assert figures["activation_bytes_per_image"] > 0
 
 
+def test_a_scanned_model_counts_every_block():
+    """XLA counts a loop body once; the summary of a scanned stack counts the FLOPs of all its blocks."""
+    kw = dict(TINY, num_blocks=4, pool_block_width=0)
+    unrolled = summary.summarize(jvit.create_model("hvt_ti_1", num_classes=5, img_size=16, **kw))
+    scanned = summary.summarize(jvit.create_model("hvt_ti_1", num_classes=5, img_size=16, scan_blocks=True, **kw))
+    assert scanned["flops_per_image"] == unrolled["flops_per_image"]
+    assert scanned["params_trainable"] == unrolled["params_trainable"]
+
+
 @pytest.mark.slow
 def test_hvt_ti_1_matches_the_spec():
     """/work/shared/specs/hvt.md: 5,735,656 parameters, 0.642 GMACs (analytic), paper 0.64 G."""

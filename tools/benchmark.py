@@ -7,7 +7,10 @@
 ``--train`` times exactly the step ``python -m jvit.main`` runs (loss, grads, AdamW, EMA when the
 recipe has one), built from ``configs/<model>.py`` when that recipe exists and from the shared timm
 recipe otherwise, on random uint8 images; ``--remat`` sets ``model.remat`` (the blocks' activation
-rematerialisation, :func:`jvit.models.layers.remat`). Prints figures only (no thresholds): the step is
+rematerialisation, :func:`jvit.models.layers.remat`). ``--train --plain`` times the work the originals'
+``../shared/tools/bench_ref.py`` train step does (forward, loss, backward, AdamW): the recipe's in-step batch
+augmentation (random erasing, Mixup/CutMix) and EMA off, everything else as the trainer runs it; quote
+ratios to the originals from it. Prints figures only (no thresholds): the step is
 compiled once (``compile_s``), run ``--warmup`` times, then timed ``--steps`` times with
 ``block_until_ready``. The compiled step's own buffers come from XLA's ``memory_analysis``: ``temp``
 (activations and scratch, what remat shrinks; also per image), ``argument`` and ``output`` (state and
@@ -64,6 +67,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--img-size", type=int, default=None, help="default: the variant's official resolution")
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--train", action="store_true", help="time the trainer's train step instead of inference")
+    p.add_argument(
+        "--plain",
+        action="store_true",
+        help="with --train: no in-step augmentation (random erasing, Mixup/CutMix) and no EMA, the originals' step",
+    )
     p.add_argument("--scan", action="store_true", help="scan the block stack (model option scan_blocks=True)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
     p.add_argument(
@@ -73,7 +81,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     p.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
     p.add_argument("--peak-tflops", type=float, default=None, help="chip peak for MFU (default: the table)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.plain and not args.train:
+        p.error("--plain changes the train step: use it with --train")
+    return args
 
 
 def train_config(args):
@@ -100,6 +111,11 @@ def train_config(args):
         config.input.mock_num_classes = args.num_classes
         if args.scan:
             config.model.kwargs.scan_blocks = True
+        if args.plain:
+            config.augment.random_erasing = 0.0
+            config.augment.mixup_alpha = config.augment.cutmix_alpha = 0.0
+            config.ema.decay = 0.0
+            recipe += " (plain: no random erasing, Mixup/CutMix or EMA)"
     return config, recipe
 
 
@@ -207,10 +223,14 @@ def main(argv=None) -> None:
         train_activation_mib_per_image=act and round(act / 2**20, 1),
     )
     # The timed step's own FLOPs (XLA cost analysis of the compiled program: forward + backward + optimizer
-    # in train mode) over its time, against the chip's dense peak for the compute dtype.
+    # in train mode) over its time, against the chip's dense peak for the compute dtype. XLA counts a
+    # loop body once: with scanned blocks the step is counted as 3x the (unrolled) forward instead, the
+    # convention of ../shared/tools/bench_ref.py for the originals.
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     step_flops = (cost or {}).get("flops")
+    if args.scan:
+        step_flops = flops and (3 if args.train else 1) * flops * args.batch
     peak = args.peak_tflops or peak_tflops(device.device_kind, device.platform, args.dtype)
     achieved = step_flops and step_flops / median / 1e12
     figures.update(
