@@ -38,6 +38,7 @@ from PIL import Image
 
 import jvit
 import jvit.checkpoint
+import jvit.convert.layout
 from jvit.data import augment
 from jvit.models import hvt as hvt_lib
 from jvit.models.stvit import NEIGHBOURS
@@ -114,9 +115,12 @@ def prepare_image(image: str | Image.Image | np.ndarray, name: str, img_size: in
 
 
 def intermediates(model: Any, variables: dict[str, Any], x: jax.Array) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """``(logits, {'a/b/name': value})``: the eval forward with every sown intermediate (first value)."""
+    """``(logits, {'a/b/name': value})``: the eval forward with every sown intermediate (first value). A
+    scanned stack's intermediates (``blocks/out`` ``[depth, ...]``) are split per block (``blocks_<i>/out``),
+    the names the lookups above read."""
     logits, state = model.apply(variables, x, train=False, mutable=["intermediates"])
-    flat = traverse_util.flatten_dict(state["intermediates"], sep="/")
+    sown = jvit.convert.layout.unstack_blocks(jax.tree.map(np.asarray, state["intermediates"]))
+    flat = traverse_util.flatten_dict(sown, sep="/")
     return np.asarray(logits), {k: np.asarray(v[0] if isinstance(v, tuple) else v) for k, v in flat.items()}
 
 
