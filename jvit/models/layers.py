@@ -109,15 +109,27 @@ def conv2d(
     kernel_init: Initializer = torch_default_kernel_init,
     name: str | None = None,
     dtype: Dtype = jnp.float32,
-) -> nn.Conv:
+) -> nn.Module:
     """``torch.nn.Conv2d`` for NHWC input: explicit symmetric zero padding, PyTorch's default init.
 
     Arguments mirror PyTorch's constructor (``in_features`` is only needed for the default bias
     init); ``groups == in_features`` gives a depthwise convolution. The kernel is HWIO
-    (``[kh, kw, in/groups, out]``).
+    (``[kh, kw, in/groups, out]``). A pointwise (1x1, unpadded, ungrouped) convolution is a
+    :class:`Conv1x1`, the same parameters computed as a matmul.
     """
     kh, kw = _pair(kernel_size)
     ph, pw = _pair(padding)
+    bias_init = torch_default_bias_init((in_features // groups) * kh * kw)
+    if (kh, kw, ph, pw, groups) == (1, 1, 0, 0, 1):
+        return Conv1x1(
+            features,
+            strides=_pair(stride),
+            use_bias=use_bias,
+            kernel_init=kernel_init,
+            bias_init=bias_init,
+            dtype=dtype,
+            name=name,
+        )
     return nn.Conv(
         features,
         (kh, kw),
@@ -126,10 +138,36 @@ def conv2d(
         feature_group_count=groups,
         use_bias=use_bias,
         kernel_init=kernel_init,
-        bias_init=torch_default_bias_init((in_features // groups) * kh * kw),
+        bias_init=bias_init,
         dtype=dtype,
         name=name,
     )
+
+
+class Conv1x1(nn.Module):
+    """A pointwise convolution on NHWC input, ``y[b, i, j] = x[b, s*i, s*j] @ W + bias``, computed as a
+    matmul over the channel axis (of the strided subsample when ``strides > 1``).
+
+    The parameters are ``nn.Conv``'s (``kernel [1, 1, C_in, C_out]``, ``bias [C_out]``), so checkpoints
+    and converters see a 1x1 convolution; XLA's CPU backend runs the convolution 2-3x slower than the
+    equal matmul (SoT's DenseNet bottlenecks, measured at 112x112: 306 vs 132 ms).
+    """
+
+    features: int
+    strides: tuple[int, int] = (1, 1)
+    use_bias: bool = True
+    kernel_init: Initializer = torch_default_kernel_init
+    bias_init: Initializer = nn.initializers.zeros
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features), jnp.float32)
+        x = x[:, :: self.strides[0], :: self.strides[1]].astype(self.dtype)
+        y = jnp.einsum("bhwc,cd->bhwd", x, kernel[0, 0].astype(self.dtype))
+        if self.use_bias:
+            y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(self.dtype)
+        return y
 
 
 class DepthwiseConv2d(nn.Module):
