@@ -211,12 +211,18 @@ def main(argv=None) -> None:
     p.add_argument("--trace-steps", type=int, default=3, help="steps run under the profiler")
     p.add_argument("--top", type=int, default=15, help="rows per table")
     p.add_argument("--hlo-out", default=None, help="write the optimized HLO text here")
+    p.add_argument(
+        "--scan", action="store_true", help="scanned blocks (as tools/benchmark.py --scan; step FLOPs then undercount)"
+    )
+    p.add_argument("--plain", action="store_true", help="with --train: the originals' step (tools/benchmark.py)")
     args = p.parse_args(argv)
 
     bargs = benchmark.parse_args(
         ["--model", args.model, "--batch", str(args.batch), "--dtype", args.dtype]
         + (["--img-size", str(args.img_size)] if args.img_size else [])
         + (["--train"] if args.train else [])
+        + (["--scan"] if args.scan else [])
+        + (["--plain"] if args.plain else [])
     )
     step_fn, state, inputs, params, _ = benchmark.build(bargs)
     t = time.perf_counter()
@@ -258,7 +264,8 @@ def main(argv=None) -> None:
         f"jax {jax.__version__}, "
         f"{os.cpu_count()} CPUs, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}\n"
         f"params {params:,}; compile {compile_s:.1f} s; step median {median * 1e3:.1f} ms "
-        f"(min {min(times) * 1e3:.1f}, {args.steps} steps); step FLOPs (cost analysis) {step_flops / 1e9:.2f} G "
+        f"(min {min(times) * 1e3:.1f}, {args.steps} steps); step FLOPs (cost analysis"
+        f"{', a scanned loop body counted once' if args.scan else ''}) {step_flops / 1e9:.2f} G "
         f"-> {step_flops / median / 1e9:.1f} GFLOP/s; thunk time {busy * 1e3:.1f} ms/step over {len(thunks)} thunks"
     )
 
