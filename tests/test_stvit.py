@@ -17,6 +17,7 @@ from steps import sgd_step
 
 import jvit
 import jvit.convert
+import jvit.convert.layout
 from jvit.convert.core import ConversionError, convert_state_dict
 from jvit.convert.torch_io import select_state_dict, to_numpy
 from jvit.models.layers import DepthwiseConv2d, gelu
@@ -72,21 +73,40 @@ def as_fixture_layout(actual: np.ndarray, ref: np.ndarray) -> np.ndarray:
 
 
 def apply_with_paths(model, variables, x):
+    """Eval logits and every sown intermediate by path; a scanned stage's stacked ``blocks/...`` entries
+    are split per block (``blocks_<i>/...``), as the unrolled model sows them."""
     fn = jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=["intermediates"]))
     logits, state = fn(variables, x)
-    inter = {path: np.asarray(v[0]) for path, v in traverse_util.flatten_dict(state["intermediates"]).items()}
+    sown = jvit.convert.layout.unstack_blocks(jax.tree.map(np.asarray, state["intermediates"]))
+    inter = {path: np.asarray(v[0]) for path, v in traverse_util.flatten_dict(sown).items()}
     return np.asarray(logits), inter
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_parity(case):
+# Cases that also run with scan_blocks (every stage one stacked ``blocks`` entry, converted by the same call):
+# stacks of one and two blocks, with and without layer scale, super-token and global-MHSA stacks, several
+# association iterations and padding.
+SCANNED = ["red_ls_pad", "red_iter_pad"]
+
+
+@pytest.mark.parametrize(
+    "case,scan",
+    [(c, False) for c in CASES] + [(c, True) for c in SCANNED],
+    ids=CASES + [f"{c}-scanned" for c in SCANNED],
+)
+def test_parity(case, scan):
     """Logits and every fixture intermediate (incl. association maps and their column sums) match the
-    original. The model is built at the registry's default img_size (224): the non-square 200x168 and
-    232x184 inputs run through it unchanged, as in the original (no position tables)."""
+    original, unrolled and scanned. The model is built at the registry's default img_size (224): the
+    non-square 200x168 and 232x184 inputs run through it unchanged, as in the original (no position tables)."""
     meta, io, ckpt = load_case("stvit", case)
-    kw = case_kwargs(meta)
+    kw = {**case_kwargs(meta), "scan_blocks": scan}
     variables = jvit.convert.load_torch_checkpoint(ckpt, "stvit_small", **kw)
     model = jvit.create_model("stvit_small", num_classes=meta["num_classes"], **kw)
+    if scan:
+        for collection in ("params", "batch_stats"):
+            for s in range(4):
+                assert sorted(k for k in variables[collection][f"layers_{s}"] if k.startswith("blocks")) == ["blocks"]
+                depths = {np.shape(a)[0] for a in jax.tree.leaves(variables[collection][f"layers_{s}"]["blocks"])}
+                assert depths == {kw["depths"][s]}
     assert model.img_size == 224 and list(io["images"].shape[2:]) == meta["img_size"]
     logits, inter = apply_with_paths(model, variables, nchw_to_nhwc(io["images"]))
     checked = [k for k in io if k not in ("images", "logits")]
@@ -319,10 +339,17 @@ def test_bad_input_and_config_are_named():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(SPEC))
-def test_train_step_traces(name):
-    """Every variant's train step traces end to end at 224 (no compile: cheap)."""
-    model = jvit.create_model(name, num_classes=10, drop_path_rate=0.1)
+@pytest.mark.parametrize(
+    "name,scan",
+    [(n, False) for n in sorted(SPEC)] + [("stvit_small", True)],
+    ids=[*sorted(SPEC), "stvit_small-scanned"],
+)
+def test_train_step_traces(name, scan):
+    """Every variant's train step traces end to end at 224 (no compile: cheap); scanned, with remat inside
+    the scan body and per-block drop-path rates as a scanned input."""
+    model = jvit.create_model(
+        name, num_classes=10, drop_path_rate=0.1, scan_blocks=scan, remat="dots" if scan else "none"
+    )
     variables = abstract_variables(model)
     step = sgd_step(model, jnp.zeros((2, 224, 224, 3)))
     loss, grads, new = jax.eval_shape(step, variables, jax.random.key(0))
@@ -348,6 +375,40 @@ def test_jit_forward_and_train_step_stvit_small():
         for a, b in zip(jax.tree.leaves(new["batch_stats"]), jax.tree.leaves(variables["batch_stats"]))
     )
     assert np.isfinite(jax.jit(model.apply)(new, x)).all()
+
+
+# Two stages of two blocks (a super-token stage with padding, a global-MHSA stage with layer scale): the
+# smallest model with both kinds of stack (compile time grows with the number of stages).
+TINY = dict(
+    embed_dim=(16, 32),
+    depths=(2, 2),
+    num_heads=(2, 4),
+    n_iter=(2, 1),
+    stoken_size=(2, 1),
+    projection=32,
+    layerscale=(False, True),
+)
+
+
+def test_scanned_train_step_matches_unrolled():
+    """Scanned stages (remat inside the scan body) train like the unrolled ones: the train step's loss,
+    gradients and updated BN statistics (every block's, stacked) agree with the unrolled model's in the
+    stacked layout. (Drop path off: its draws differ between the layouts; test_train_step_traces runs it.)"""
+    x = jax.random.normal(jax.random.key(1), (2, 36, 28, 3))  # stage 0: a 9x7 grid, padded to 10x8
+    unrolled = jvit.create_model("stvit_small", num_classes=10, img_size=32, **TINY)
+    scanned = unrolled.clone(scan_blocks=True, remat="block")
+    variables = jvit.init_variables(unrolled, 0)
+    stacked = jvit.convert.layout.match_layout(jax.tree.map(np.asarray, variables), abstract_variables(scanned))
+    assert jax.tree.structure(stacked) == jax.tree.structure(abstract_variables(scanned))
+    loss_u, grads_u, new_u = jax.jit(sgd_step(unrolled, x))(variables, jax.random.key(2))
+    loss_s, grads_s, new_s = jax.jit(sgd_step(scanned, x))(stacked, jax.random.key(2))
+    np.testing.assert_allclose(loss_s, loss_u, rtol=1e-5)
+    got = {"grads": grads_s, **new_s}
+    reference = jvit.convert.layout.match_layout(jax.tree.map(np.asarray, {"grads": grads_u, **new_u}), got)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, reference)
+    for s in range(2):
+        before, after = (v["batch_stats"][f"layers_{s}"]["blocks"]["norm2"]["mean"] for v in (stacked, new_s))
+        assert not np.isclose(before, after).all(axis=-1).any(), f"layers_{s}: a block's BN statistics did not move"
 
 
 # ---------------------------------------------------------------------------------------------

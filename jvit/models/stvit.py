@@ -42,6 +42,7 @@ import numpy as np
 
 from jvit.models.layers import (
     Attention,
+    BlockStack,
     DepthwiseConv2d,
     DropPath,
     Dtype,
@@ -52,7 +53,6 @@ from jvit.models.layers import (
     drop_path_rates,
     gelu,
     layer_norm,
-    remat,
     tokens_from_map,
     torch_dense,
 )
@@ -267,8 +267,9 @@ class STBlock(nn.Module):
         x = x + DropPath(gamma_2 * ConvFFN(BN(x)))            (BatchNorm, not LN)
 
     ``gamma_1``/``gamma_2`` (layer scale, per channel) exist only when ``layerscale`` is set.
-    Intermediates sown: ``out`` (the block's output), ``pos_embed/out`` (after the CPE),
-    ``norm1/out`` (STA's input), ``attn/out`` (STA's output) and those of :class:`SuperTokenAttention`.
+    Intermediates sown: ``pos_embed/out`` (after the CPE), ``norm1/out`` (STA's input), ``attn/out``
+    (STA's output) and those of :class:`SuperTokenAttention`; the block's output ``out`` is sown by the
+    :class:`jvit.models.layers.BlockStack` that runs it.
     """
 
     stoken_size: int
@@ -316,9 +317,7 @@ class STBlock(nn.Module):
         x = x + drop_path(gamma_1 * y, train)
         y = batch_norm(train, eps=1e-5, torch_momentum=0.1, name="norm2", dtype=self.dtype)(x)
         y = ConvFFN(hidden_features=int(c * self.mlp_ratio), drop=self.drop, dtype=self.dtype, name="mlp2")(y, train)
-        x = x + drop_path(gamma_2 * y, train)
-        self.sow("intermediates", "out", x)
-        return x
+        return x + drop_path(gamma_2 * y, train)
 
 
 class PatchEmbed(nn.Module):
@@ -366,9 +365,11 @@ class PatchMerging(nn.Module):
 
 
 class Stage(nn.Module):
-    """``depth`` STViT blocks (``blocks_<i>``, rematerialised per ``remat``), then an optional
-    :class:`PatchMerging` to ``out_dim`` (the original's ``BasicLayer``). Intermediates sown:
-    ``downsample/out``, and the blocks'."""
+    """``depth`` STViT blocks, then an optional :class:`PatchMerging` to ``out_dim`` (the original's
+    ``BasicLayer``). The blocks are one :class:`jvit.models.layers.BlockStack` (rematerialised per
+    ``remat``; ``scan``: one ``nn.scan`` over them): ``blocks_<i>`` unrolled, one stacked entry ``blocks``
+    scanned. Intermediates sown: ``blocks_<i>/out`` (scanned: ``blocks/out`` ``[depth, B, H, W, C]``),
+    the blocks' own, and ``downsample/out``."""
 
     depth: int
     stoken_size: int
@@ -384,13 +385,14 @@ class Stage(nn.Module):
     layerscale: bool = False
     init_values: float = 1e-6
     remat: str = "none"
+    scan: bool = False
     dtype: Dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        block_cls = remat(STBlock, self.remat, static_argnums=(2,))
-        for j in range(self.depth):
-            x = block_cls(
+    def setup(self):
+        self.stack = BlockStack(
+            block=STBlock,
+            depth=self.depth,
+            block_kwargs=dict(
                 stoken_size=self.stoken_size,
                 n_iter=self.n_iter,
                 num_heads=self.num_heads,
@@ -399,16 +401,22 @@ class Stage(nn.Module):
                 qk_scale=self.qk_scale,
                 drop=self.drop,
                 attn_drop=self.attn_drop,
-                drop_path=self.drop_paths[j],
                 layerscale=self.layerscale,
                 init_values=self.init_values,
                 dtype=self.dtype,
-                name=f"blocks_{j}",
-            )(x, train)
+            ),
+            drop_path_rate=self.drop_paths,
+            scan=self.scan,
+            remat=self.remat,
+        )
         if self.out_dim is not None:
-            downsample = PatchMerging(out_dim=self.out_dim, dtype=self.dtype, name="downsample")
-            x = downsample(x, train)
-            downsample.sow("intermediates", "out", x)
+            self.downsample = PatchMerging(out_dim=self.out_dim, dtype=self.dtype)
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = self.stack(x, train)
+        if self.out_dim is not None:
+            x = self.downsample(x, train)
+            self.downsample.sow("intermediates", "out", x)
         return x
 
 
@@ -427,9 +435,19 @@ class STViT(nn.Module):
     Attributes mirror the original constructor: per-stage ``embed_dim``, ``depths``, ``num_heads``,
     ``n_iter`` (association iterations), ``stoken_size`` (super-token cell side; 1 = global MHSA),
     ``layerscale`` (with ``init_values``); ``projection`` is the head's 1x1-conv width.
+    ``remat`` (``'none' | 'block' | 'dots'``) rematerialises every block's activations
+    (:func:`jvit.models.layers.remat`). ``scan_blocks`` runs each stage's blocks as one ``nn.scan``
+    (:class:`jvit.models.layers.BlockStack`): one traced block per stage, whatever its depth, and no
+    residual-stream copies between its blocks in the backward pass.
 
-    Intermediates sown: ``patch_embed/out`` (the stem's output), ``layers_<s>/blocks_<i>/out`` and the
-    blocks' own (:class:`STBlock`, :class:`SuperTokenAttention`: ``affinity``, ``stokens``, ...),
+    Parameters and BN statistics mirror the original's state dict (``patch_embed``, ``layers_<s>`` with
+    ``blocks_<i>`` and ``downsample``, ``proj``, ``norm``, ``head``). With ``scan_blocks`` each stage's
+    blocks are one entry ``layers_<s>/blocks`` whose leaves (``params`` and ``batch_stats``) carry a
+    leading ``depth_s`` axis, the layout :mod:`jvit.convert.layout` converts.
+
+    Intermediates sown: ``patch_embed/out`` (the stem's output), ``layers_<s>/blocks_<i>/out`` (scanned:
+    ``layers_<s>/blocks/out`` ``[depth_s, B, H, W, C]``, and every block intermediate stacked likewise) and
+    the blocks' own (:class:`STBlock`, :class:`SuperTokenAttention`: ``affinity``, ``stokens``, ...),
     ``layers_<s>/downsample/out``, ``tokens`` (the last stage's tokens), ``head_act`` (the head's
     SiLU(BN(proj(tokens))) ``[B, N, projection]`` before pooling) and ``features`` (its token mean,
     what the linear ``head`` reads).
@@ -452,6 +470,7 @@ class STViT(nn.Module):
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     remat: str = "none"
+    scan_blocks: bool = False
     dtype: Dtype = jnp.float32
 
     def _check_config(self) -> None:
@@ -487,6 +506,7 @@ class STViT(nn.Module):
                 layerscale=self.layerscale[i],
                 init_values=self.init_values,
                 remat=self.remat,
+                scan=self.scan_blocks,
                 dtype=self.dtype,
                 name=f"layers_{i}",
             )
