@@ -48,13 +48,12 @@ from jvit.registry import get_model_entry
 
 
 def stvit_affinities(inter: dict[str, np.ndarray]) -> dict[int, np.ndarray]:
-    """``{stage: affinity [B, H, W, 9]}`` of the last STA block of each super-token stage (a scanned stage
-    sows ``layers_<s>/blocks/attn/affinity`` once, stacked ``[depth, B, H, W, 9]``)."""
+    """``{stage: affinity [B, H, W, 9]}`` of the last STA block of each super-token stage."""
     found = {}
     for name in sorted(inter, key=_natural):
-        m = re.fullmatch(r"layers_(\d+)/blocks(_\d+)?/attn/affinity", name)
+        m = re.fullmatch(r"layers_(\d+)/blocks_\d+/attn/affinity", name)
         if m:
-            found[int(m[1])] = inter[name] if m[2] else inter[name][-1]  # later blocks overwrite earlier ones
+            found[int(m[1])] = inter[name]  # later blocks overwrite earlier ones
     return found
 
 

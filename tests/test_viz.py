@@ -6,13 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import traverse_util
 from PIL import Image
 
 import jvit
 import jvit.checkpoint
 from jvit import viz
-from jvit.convert.layout import stack_blocks
 
 pytest.importorskip("matplotlib")
 
@@ -62,11 +60,6 @@ def test_stvit_association_rows_sum_to_one(tmp_path, photo):
         viz.draw_stvit(model, crop, inter, str(tmp_path)),
         ["stvit_association_stage1.png", "stvit_association_stage2.png"],
     )
-    # A scanned model (scan_blocks) sows each stage's blocks once, stacked: the lookup takes the last block's.
-    stacked = traverse_util.flatten_dict(stack_blocks(traverse_util.unflatten_dict(inter, sep="/")), sep="/")
-    assert "layers_1/blocks/attn/affinity" in stacked and "layers_1/blocks_1/attn/affinity" not in stacked
-    scanned = viz.stvit_affinities(stacked)
-    assert sorted(scanned) == [0, 1] and all(np.array_equal(scanned[s], affinities[s]) for s in scanned)
 
 
 def test_spvit_prior_maps_have_the_grid_size(tmp_path, photo):
