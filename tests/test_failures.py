@@ -33,6 +33,8 @@ from jvit.train import workdir as workdir_lib
 
 REPO = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.usefixtures("compilation_cache")  # in-process reruns load the first run's compile
+
 TINY_CONFIG = textwrap.dedent("""
     from jvit.train import config as config_lib
 
@@ -356,8 +358,13 @@ def test_converter_tells_broken_files_from_unsafe_pickles(tmp_path, capsys, kind
 def _chaos(tiny: Path, tmp_path: Path, kills: int, steps: int) -> None:
     """SIGKILL a short run ``kills`` times, each a random moment after a random checkpoint started
     being written (checkpoints every step, so kills land inside saves and between them), rerun to
-    the end, and compare the final parameters with an uninterrupted run's."""
-    args = (f"--config.num_train_steps={steps}", "--config.checkpoint.every_steps=1")
+    the end, and compare the final parameters with an uninterrupted run's. All runs share one
+    compilation cache: only the first compiles."""
+    args = (
+        f"--config.num_train_steps={steps}",
+        "--config.checkpoint.every_steps=1",
+        f"--config.compilation_cache_dir={tmp_path / 'compilation_cache'}",
+    )
     reference = jvit_main(tiny, tmp_path / "ref", *args)
     assert reference.returncode == 0, reference.stderr[-2000:]
     work, rng = tmp_path / "chaos", random.Random(18)

@@ -184,12 +184,14 @@ def test_train_in_eval_mode_keeps_batch_stats_and_turns_drop_path_off():
 
     c = finetune_config(
         "stvit_small,mock,batch=8",
-        embed_dim=(8, 16, 16, 16),
-        depths=(1, 1, 1, 1),
-        num_heads=(1, 1, 1, 1),
+        embed_dim=(8, 16),
+        depths=(1, 1),
+        num_heads=(1, 1),
+        n_iter=(1, 1),
+        stoken_size=(1, 1),
+        layerscale=(False, False),
         projection=32,
         drop_path_rate=0.5,
-        stoken_size=(1, 1, 1, 1),
     )
     c.model.img_size = 32
     model = state_lib.build_model(c, 4)

@@ -100,13 +100,16 @@ SMALL: dict[str, tuple[dict, int]] = {
         dict(img_size=112, embed_dim=48, depth=2, num_heads=2, mlp_ratio=2.0, head=HeadConfig("cross", (8, 4))),
         1,
     ),
+    # Two stages: super tokens (8x8 grid in 4x4 cells) without layer scale, then plain attention with it.
     "stvit_small": (
         dict(
-            img_size=64,
-            embed_dim=(8, 16, 16, 16),
-            depths=(1, 1, 1, 1),
-            num_heads=(1, 2, 2, 4),
-            layerscale=(False, False, True, True),
+            img_size=32,
+            embed_dim=(8, 16),
+            depths=(1, 1),
+            num_heads=(1, 2),
+            n_iter=(1, 1),
+            stoken_size=(4, 1),
+            layerscale=(False, True),
             projection=8,
         ),
         0,

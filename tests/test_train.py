@@ -18,7 +18,6 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
 import jvit
 import jvit.checkpoint
@@ -34,23 +33,7 @@ from jvit.train import state as state_lib
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def compilation_cache(tmp_path_factory):
-    """A persistent compilation cache for this module: a rerun (resume) loads what the first run compiled."""
-    names = (
-        "jax_compilation_cache_dir",
-        "jax_persistent_cache_min_compile_time_secs",
-        "jax_persistent_cache_min_entry_size_bytes",
-    )
-    before = {n: getattr(jax.config, n) for n in names}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    jax_cache.reset_cache()  # jax decides once per process whether the cache is on
-    yield
-    for n, v in before.items():
-        jax.config.update(n, v)
-    jax_cache.reset_cache()
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 def load_config(name: str, arg: str | None = None):
@@ -381,19 +364,30 @@ def test_default_config_end_to_end(tmp_path, capsys):
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir / "tensorboard"))
 
 
-def test_sot_base_starts_training_on_mock_data():
+@pytest.mark.parametrize(
+    "kwargs, num_params",
+    [
+        pytest.param(dict(embed_dim=48, depth=1, num_heads=2), None, id="reduced"),
+        pytest.param({}, 76_774_966, id="full", marks=pytest.mark.slow),  # sot.md section 1.2: trainable
+    ],
+)
+def test_sot_base_starts_training_on_mock_data(kwargs, num_params):
     """configs/sot_base.py:mock through the trainer's setup, init and jitted train step.
 
-    One 224px image on one device: the full 77M-parameter model (plus AdamW moments and EMA)
-    compiles and takes a step; the loop around it is what the tiny-model tests exercise.
+    One 224px image on one device: the model (plus AdamW moments and EMA) compiles and takes a step;
+    the loop around it is what the tiny-model tests exercise. The default run narrows and shortens
+    the backbone through ``model.kwargs`` (recipe, token embedding and MGCrP head as configured); the
+    full 77M-parameter model compiles for minutes on a CPU, so it runs with ``-m slow``.
     """
     config = load_config("sot_base", "mock")
+    config.model.kwargs.update(kwargs)
     config.batch_size = 8  # the smallest global batch 8 devices accept; one device runs 1 image below
     exp = loop.setup(config)
     assert (exp.num_classes, exp.img_size) == (1000, 224)
     exp = dataclasses.replace(exp, mesh=sharding.make_mesh(devices=jax.devices()[:1]), step_batch=1)
     state = loop.initial_state(exp)
-    assert jvit.count_params(state.params) == 76_774_966  # sot.md section 1.2: trainable parameters
+    assert {k: getattr(exp.model, k) for k in kwargs} == kwargs  # the overrides reached the model
+    assert num_params is None or jvit.count_params(state.params) == num_params
     train_fn, _ = loop.compiled_steps(exp)
     iterator = pipeline.train_iterator(
         exp.train_split.data, batch_size=1, preprocess=exp.train_preprocess, seed=config.seed
