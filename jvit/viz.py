@@ -118,7 +118,8 @@ def intermediates(model: Any, variables: dict[str, Any], x: jax.Array) -> tuple[
     """``(logits, {'a/b/name': value})``: the eval forward with every sown intermediate (first value). A
     scanned stack's intermediates (``blocks/out`` ``[depth, ...]``) are split per block (``blocks_<i>/out``),
     the names the lookups above read."""
-    logits, state = model.apply(variables, x, train=False, mutable=["intermediates"])
+    forward = jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=["intermediates"]))
+    logits, state = forward(variables, x)
     sown = jvit.convert.layout.unstack_blocks(jax.tree.map(np.asarray, state["intermediates"]))
     flat = traverse_util.flatten_dict(sown, sep="/")
     return np.asarray(logits), {k: np.asarray(v[0] if isinstance(v, tuple) else v) for k, v in flat.items()}
