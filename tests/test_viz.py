@@ -9,6 +9,8 @@ from PIL import Image
 
 import jvit
 import jvit.checkpoint
+import jvit.convert.layout
+import jvit.utils
 from jvit import viz
 
 pytest.importorskip("matplotlib")
@@ -91,6 +93,13 @@ def test_hvt_pooled_positions_follow_the_raster_pooling(tmp_path, photo):
     for s in stages:
         assert ((s > 0) & (s < 64)).all()
     assert_pngs(viz.draw_hvt(model, crop, inter, str(tmp_path)), ["hvt_pooled_positions.png"])
+    # A scanned model (stacked blocks_1-1, blocks_3-3) gives the same per-block intermediates.
+    scanned = model.clone(scan_blocks=True)
+    stacked = jvit.convert.layout.match_layout(jax.device_get(variables), jvit.utils.abstract_variables(scanned))
+    _, inter_s = viz.intermediates(scanned, stacked, x)
+    assert sorted(inter_s) == sorted(inter)
+    for a, b in zip(viz.hvt_stage_tokens(inter_s), viz.hvt_stage_tokens(inter)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_sot_logit_parts_add_up_to_the_logits(tmp_path, photo):
