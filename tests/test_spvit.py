@@ -62,10 +62,12 @@ def case_model(meta: dict) -> tuple[str, dict]:
 
 
 @functools.cache
-def load(case: str, ckpt_case: str | None = None):
-    """(meta, io, model, variables) of a case, the weights converted from ``ckpt_case``'s checkpoint."""
+def load(case: str, ckpt_case: str | None = None, scan: bool = False):
+    """(meta, io, model, variables) of a case, the weights converted from ``ckpt_case``'s checkpoint;
+    ``scan``: the model with ``scan_blocks`` (stacked layout, converted by the same call)."""
     meta, io, ckpt = load_case("spvit", case)
     name, kw = case_model(meta)
+    kw["scan_blocks"] = scan
     if ckpt_case is not None:
         ckpt = load_case("spvit", ckpt_case)[2]
     variables = jvit.convert.load_torch_checkpoint(ckpt, name, img_size=meta["img_size"], **kw)
@@ -83,9 +85,12 @@ def fixture_name(path: str) -> str:
     return {"patch_embed/out": "patch_embed", "tokens": "features", "features": "features_cls"}.get(path, path)
 
 
-def eval_with_intermediates(model, variables, images_nhwc) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Eval logits and the sown intermediates under the fixtures' names (``attn_probs_XX`` ...)."""
-    logits, inter = apply_with_intermediates(model, variables, images_nhwc, by_path=True)
+def eval_with_intermediates(
+    model, variables, images_nhwc, unrolled: bool = False
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Eval logits and the sown intermediates under the fixtures' names (``attn_probs_XX`` ...);
+    ``unrolled``: a scanned model's stacked intermediates are split per block first."""
+    logits, inter = apply_with_intermediates(model, variables, images_nhwc, by_path=True, unrolled=unrolled)
     named = {fixture_name(path): value for path, value in inter.items()}
     named["patch_embed"] = named["patch_embed"].transpose(0, 3, 1, 2)  # the fixture's is NCHW
     return logits, named
@@ -96,11 +101,28 @@ def case(request):
     return request.param, *load(request.param)
 
 
-def test_parity(case):
+# Cases that also run with scan_blocks, and the block entries their params then hold: the SP-SA run
+# then the class-token run, plain runs before and after the class token (one of a single block), and
+# the class token first (every block alike: the whole stack).
+SCANNED = {
+    "s_like_spsa": ["blocks_0-1", "blocks_2-3"],
+    "l_like_order": ["blocks_0-1", "blocks_2-2"],
+    "vit_naive_cls_first": ["blocks"],
+}
+
+
+@pytest.mark.parametrize(
+    "name,scan",
+    [(c, False) for c in CASES] + [(c, True) for c in SCANNED],
+    ids=CASES + [f"{c}-scanned" for c in SCANNED],
+)
+def test_parity(name, scan):
     """Eval logits and every intermediate the fixture holds: stem, each block, attention
     probabilities, SP-SA priors, final features, class and aux logits."""
-    name, meta, io, model, variables = case
-    logits, named = eval_with_intermediates(model, variables, nchw_to_nhwc(io["images"]))
+    meta, io, model, variables = load(name, scan=scan)
+    if scan:
+        assert sorted(k for k in variables["params"] if k.startswith("blocks")) == SCANNED[name]
+    logits, named = eval_with_intermediates(model, variables, nchw_to_nhwc(io["images"]), unrolled=scan)
     expected = set(io) - NOT_EVAL_OUTPUTS - {"logits"}
     assert expected <= set(named), f"not sown: {expected - set(named)}"
     if meta["spsa_block_indices"]:
