@@ -18,6 +18,7 @@ from steps import cross_entropy, images, sgd_step
 import jvit
 import jvit.convert
 from jvit.convert import ConversionError, convert_state_dict, rules_for
+from jvit.convert.layout import unstack_blocks
 from jvit.models.spvit import SpatialPriorAttention, TokenLabelOutput, mix_tokens, relative_offsets
 from jvit.train import losses
 from jvit.utils import abstract_variables, count_params
@@ -62,10 +63,12 @@ def case_model(meta: dict) -> tuple[str, dict]:
 
 
 @functools.cache
-def load(case: str, ckpt_case: str | None = None):
-    """(meta, io, model, variables) of a case, the weights converted from ``ckpt_case``'s checkpoint."""
+def load(case: str, ckpt_case: str | None = None, scan: bool = False):
+    """(meta, io, model, variables) of a case, the weights converted from ``ckpt_case``'s checkpoint;
+    ``scan``: the model with ``scan_blocks`` (stacked layout, converted by the same call)."""
     meta, io, ckpt = load_case("spvit", case)
     name, kw = case_model(meta)
+    kw["scan_blocks"] = scan
     if ckpt_case is not None:
         ckpt = load_case("spvit", ckpt_case)[2]
     variables = jvit.convert.load_torch_checkpoint(ckpt, name, img_size=meta["img_size"], **kw)
@@ -83,9 +86,12 @@ def fixture_name(path: str) -> str:
     return {"patch_embed/out": "patch_embed", "tokens": "features", "features": "features_cls"}.get(path, path)
 
 
-def eval_with_intermediates(model, variables, images_nhwc) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Eval logits and the sown intermediates under the fixtures' names (``attn_probs_XX`` ...)."""
-    logits, inter = apply_with_intermediates(model, variables, images_nhwc, by_path=True)
+def eval_with_intermediates(
+    model, variables, images_nhwc, unrolled: bool = False
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Eval logits and the sown intermediates under the fixtures' names (``attn_probs_XX`` ...);
+    ``unrolled``: a scanned model's stacked intermediates are split per block first."""
+    logits, inter = apply_with_intermediates(model, variables, images_nhwc, by_path=True, unrolled=unrolled)
     named = {fixture_name(path): value for path, value in inter.items()}
     named["patch_embed"] = named["patch_embed"].transpose(0, 3, 1, 2)  # the fixture's is NCHW
     return logits, named
@@ -96,11 +102,28 @@ def case(request):
     return request.param, *load(request.param)
 
 
-def test_parity(case):
+# Cases that also run with scan_blocks, and the block entries their params then hold: the SP-SA run
+# then the class-token run, plain runs before and after the class token (one of a single block), and
+# the class token first (every block alike: the whole stack).
+SCANNED = {
+    "s_like_spsa": ["blocks_0-1", "blocks_2-3"],
+    "l_like_order": ["blocks_0-1", "blocks_2-2"],
+    "vit_naive_cls_first": ["blocks"],
+}
+
+
+@pytest.mark.parametrize(
+    "name,scan",
+    [(c, False) for c in CASES] + [(c, True) for c in SCANNED],
+    ids=CASES + [f"{c}-scanned" for c in SCANNED],
+)
+def test_parity(name, scan):
     """Eval logits and every intermediate the fixture holds: stem, each block, attention
     probabilities, SP-SA priors, final features, class and aux logits."""
-    name, meta, io, model, variables = case
-    logits, named = eval_with_intermediates(model, variables, nchw_to_nhwc(io["images"]))
+    meta, io, model, variables = load(name, scan=scan)
+    if scan:
+        assert sorted(k for k in variables["params"] if k.startswith("blocks")) == SCANNED[name]
+    logits, named = eval_with_intermediates(model, variables, nchw_to_nhwc(io["images"]), unrolled=scan)
     expected = set(io) - NOT_EVAL_OUTPUTS - {"logits"}
     assert expected <= set(named), f"not sown: {expected - set(named)}"
     if meta["spsa_block_indices"]:
@@ -441,31 +464,51 @@ def token_label_step(model):
     return sgd_step(model, x, loss, mix_box=jnp.array([0, 1, grid // 2, grid])), x
 
 
-@pytest.mark.parametrize("name", list(SPEC))
-def test_train_step_traces(name):
-    """Every variant's train step traces end to end with consistent shapes (no compile: cheap).
+# The runs of alike blocks each official variant scans with scan_blocks: its SP-SA blocks (SP-ViT-L:
+# the plain blocks before the class token), then the blocks after the class token.
+SCANNED_RUNS = {
+    "spvit_s": ["blocks_0-13", "blocks_14-15"],
+    "spvit_m": ["blocks_0-9", "blocks_10-19"],
+    "spvit_l": ["blocks_0-21", "blocks_22-23"],
+}
+
+
+@pytest.mark.parametrize(
+    "name,scan", [(n, False) for n in SPEC] + [(n, True) for n in SPEC], ids=list(SPEC) + [f"{n}-scanned" for n in SPEC]
+)
+def test_train_step_traces(name, scan):
+    """Every variant's train step traces end to end with consistent shapes (no compile: cheap), also
+    with its runs of blocks scanned and remat inside the scan body (stacked layout).
     (384 differs only in the grid; its forward is traced by test_param_counts.)"""
-    model = jvit.create_model(name, num_classes=10, drop_path_rate=0.1)
+    kw = dict(scan_blocks=True, remat="dots") if scan else {}
+    model = jvit.create_model(name, num_classes=10, drop_path_rate=0.1, **kw)
     variables = abstract_variables(model)
+    if scan:
+        assert sorted(k for k in variables["params"] if k.startswith("blocks")) == SCANNED_RUNS[name]
     step, _ = token_label_step(model)
     loss, grads, new = jax.eval_shape(step, variables, jax.random.key(0))
     assert loss.shape == () and count_params(grads) == count_params(variables["params"])
     assert jax.tree.structure(new) == jax.tree.structure(variables)
 
 
-def test_jit_forward_and_train_step():
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_jit_forward_and_train_step(scan):
     """spvit_s (full depth, 14 SP-SA blocks) at 64 px on fresh init: the prior starts at 1 (SP-SA
     = plain attention), one jitted SGD step gives finite loss and gradients reaching the prior,
-    moves the stem BN statistics, and the eval forward stays finite."""
-    model = jvit.create_model("spvit_s", num_classes=10, img_size=64, drop_path_rate=0.1)
+    moves the stem BN statistics, and the eval forward stays finite. Scanned: the SP-SA run and the
+    class-token run are each one ``nn.scan`` with remat inside its body (the blocks compile once per
+    run, a fraction of the unrolled compile)."""
+    kw = dict(scan_blocks=True, remat="dots") if scan else {}
+    model = jvit.create_model("spvit_s", num_classes=10, img_size=64, drop_path_rate=0.1, **kw)
     variables = jvit.init_variables(model, 0)
     step, x = token_label_step(model)
-    prior = SpatialPriorAttention(384, 6).apply({"params": variables["params"]["blocks_0"]["attn"]}, 4, method="prior")
+    params = unstack_blocks(variables["params"])  # the unrolled layout (blocks_<i>) either way
+    prior = SpatialPriorAttention(384, 6).apply({"params": params["blocks_0"]["attn"]}, 4, method="prior")
     np.testing.assert_array_equal(prior, np.ones((6, 16, 16)))
     loss, grads, new = jax.jit(step)(variables, jax.random.key(2))
     assert np.isfinite(loss)
     assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
-    attn = grads["blocks_0"]["attn"]
+    attn = unstack_blocks(grads)["blocks_0"]["attn"]
     assert np.abs(attn["w2"]).sum() > 0 and np.abs(attn["b2"]).sum() > 0
     assert np.abs(grads["pos_embed"]).sum() > 0 and np.abs(grads["cls_token"]).sum() > 0
     assert any(

@@ -28,6 +28,7 @@ logits and the per-token logits that token labeling supervises.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any, Literal, NamedTuple
 
@@ -36,9 +37,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jvit.models import layers
 from jvit.models.layers import (
     Attention,
+    BlockStack,
     DropPath,
     Dtype,
     Mlp,
@@ -240,8 +241,8 @@ class SPViTBlock(nn.Module):
     ``has_cls`` must be false) and timm's multi-head attention (fused ``qkv``) otherwise. LayerNorm
     eps 1e-5, exact GELU, MLP ``dim -> mlp_ratio*dim -> dim``.
 
-    Intermediates sown: ``out`` (the block's output, after the position block), and the attention's
-    ``attn/attn_probs`` (and ``attn/spsa_prior`` for SP-SA).
+    Intermediates sown: the attention's ``attn/attn_probs`` (and ``attn/spsa_prior`` for SP-SA); the
+    block's output ``out`` (after the position block) is sown by the :class:`BlockStack` running it.
     """
 
     num_heads: int
@@ -286,9 +287,7 @@ class SPViTBlock(nn.Module):
         y = layer_norm(eps=1e-5, name="norm2", dtype=self.dtype)(x)
         y = Mlp(hidden_features=int(c * self.mlp_ratio), drop=self.drop, dtype=self.dtype, name="mlp")(y, train)
         x = x + drop_path(y, train) / self.skip_lam
-        x = PosCNN(dtype=self.dtype, name="pos_block")(x, has_cls=self.has_cls)
-        self.sow("intermediates", "out", x)
-        return x
+        return PosCNN(dtype=self.dtype, name="pos_block")(x, has_cls=self.has_cls)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,6 +356,12 @@ class SPViT(nn.Module):
       drop_rate, attn_drop_rate, drop_path_rate: dropout / stochastic depth (linear over blocks).
       remat: activation rematerialisation of the blocks, ``'none' | 'block' | 'dots'``
         (:func:`jvit.models.layers.remat`).
+      scan_blocks: run each maximal run of alike blocks (same attention type and class-token
+        presence: the SP-SA blocks, the plain blocks before the class token, those after it) as one
+        ``nn.scan`` (:class:`jvit.models.layers.BlockStack`): one traced block per run, whatever its
+        length, and no residual-stream copies between the blocks of a run in the backward pass. On
+        XLA:CPU the train step is nevertheless slower scanned (2x for SP-ViT-S at 128 px): the kernel
+        gradient of :class:`PosCNN`'s depthwise conv is far slower inside the scan's loop than unrolled.
 
     Call: ``model.apply(variables, images, train=False, mix_box=None)`` on normalised NHWC images,
     ``forward_head(forward_features(images, train, mix_box), train, mix_box)``:
@@ -370,13 +375,21 @@ class SPViT(nn.Module):
       output and un-mixes the aux logits; ``None`` trains without MixToken.
     * ``train=True`` without aux head: ``head(cls)`` logits.
 
+    Parameters mirror the original's state dict (``patch_embed``, ``cls_token``, ``pos_embed``,
+    ``blocks_<i>``, ``norm``, ``head``, ``aux_head``). With ``scan_blocks`` the blocks ``a .. b`` of a run
+    are one entry ``blocks_<a>-<b>`` whose leaves carry a leading ``[b - a + 1]`` block axis (``blocks``
+    when all blocks are alike, e.g. plain LV-ViT), the layout :mod:`jvit.convert.layout` converts:
+    SP-ViT-S holds ``blocks_0-13`` (SP-SA) and ``blocks_14-15``, SP-ViT-L ``blocks_0-21`` and ``blocks_22-23``.
+
     Intermediates sown (the scheme of :mod:`jvit.models`): ``patch_embed/out`` (the stem's output
     map ``[B, S, S, C]``, before MixToken; the scheme's ``patch_embed``, one level down because the
     stem module itself is ``patch_embed``), ``blocks_<i>/out`` (after the position block), ``tokens``
     (final LayerNorm ``[B, 1 + L, C]``, class token first), ``features`` (the class token
     ``[B, C]`` that ``head`` reads); SP-ViT's own: ``blocks_<i>/attn/attn_probs`` and, for SP-SA
     blocks, ``blocks_<i>/attn/spsa_prior``, ``cls_logits`` (``head``) and ``aux_logits``
-    (``aux_head`` on every patch token, before un-mixing).
+    (``aux_head`` on every patch token, before un-mixing). A scanned run sows its blocks' entries
+    stacked under its own, ``blocks_<a>-<b>/out`` ``[b - a + 1, B, T, C]`` etc.
+    (:func:`jvit.convert.layout.unstack_blocks` splits them per block).
     """
 
     num_classes: int
@@ -396,6 +409,7 @@ class SPViT(nn.Module):
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     remat: str = "none"
+    scan_blocks: bool = False
     dtype: Dtype = jnp.float32
 
     @property
@@ -430,23 +444,36 @@ class SPViT(nn.Module):
         self.pos_embed = self.param("pos_embed", trunc_normal_02, (1, pos_rows, self.embed_dim))
         self.pos_drop = nn.Dropout(rate=self.drop_rate)
         rates = drop_path_rates(self.drop_path_rate, self.depth)
-        block = layers.remat(SPViTBlock, self.remat, static_argnums=(2,))  # __call__(self, x, train): train static
-        self.blocks = [
-            block(
-                num_heads=self.num_heads,
-                mlp_ratio=self.mlp_ratio,
-                skip_lam=self.skip_lam,
-                spatial_prior=i in self.spsa_blocks,
-                has_cls=i >= self.cls_insert_block,
-                qkv_bias=self.qkv_bias,
-                drop=self.drop_rate,
-                attn_drop=self.attn_drop_rate,
-                drop_path=rates[i],
-                dtype=self.dtype,
-                name=f"blocks_{i}",
+        # Blocks differ along the stack in their attention (SP-SA or not) and whether a class token
+        # leads the tokens; each maximal run of alike blocks is one BlockStack (scanned with scan_blocks),
+        # and the class token enters between two runs.
+        kinds = [(i in self.spsa_blocks, i >= self.cls_insert_block) for i in range(self.depth)]
+        stacks = []
+        for (spatial_prior, has_cls), run in itertools.groupby(range(self.depth), key=kinds.__getitem__):
+            run = list(run)
+            stacks.append(
+                BlockStack(
+                    block=SPViTBlock,
+                    depth=len(run),
+                    block_kwargs=dict(
+                        num_heads=self.num_heads,
+                        mlp_ratio=self.mlp_ratio,
+                        skip_lam=self.skip_lam,
+                        spatial_prior=spatial_prior,
+                        has_cls=has_cls,
+                        qkv_bias=self.qkv_bias,
+                        drop=self.drop_rate,
+                        attn_drop=self.attn_drop_rate,
+                        dtype=self.dtype,
+                    ),
+                    drop_path_rate=rates[run[0] : run[-1] + 1],
+                    scan=self.scan_blocks,
+                    remat=self.remat,
+                    start=run[0],
+                    segment=len(run) < self.depth,
+                )
             )
-            for i in range(self.depth)
-        ]
+        self.stacks = stacks
         self.norm = layer_norm(eps=1e-5, dtype=self.dtype)
         self.head = dense(self.num_classes, dtype=self.dtype)
         if self.use_aux_head:
@@ -476,10 +503,10 @@ class SPViT(nn.Module):
         if self.cls_insert_block == 0:
             x = jnp.concatenate([cls, x], axis=1)
         x = self.pos_drop(x + self.pos_embed.astype(x.dtype), deterministic=not train)
-        for i, block in enumerate(self.blocks):
-            if i == self.cls_insert_block and i > 0:
+        for stack in self.stacks:
+            if self.cls_insert_block > 0 and stack.start == self.cls_insert_block:
                 x = jnp.concatenate([cls, x], axis=1)
-            x = block(x, train)
+            x = stack(x, train)
         x = self.norm(x)
         self.sow("intermediates", "tokens", x)
         return x
