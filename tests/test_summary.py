@@ -43,3 +43,10 @@ def test_hvt_ti_1_matches_the_spec():
 def test_summary_cli_unknown_model(capsys):
     assert summary.main(["hvt_tiny_typo"]) == 1
     assert "unknown model" in capsys.readouterr().err
+
+
+def test_summary_of_a_model_whose_train_output_is_a_tuple():
+    """SP-ViT trains on (class logits, aux logits) for token labeling: the activation figure covers both."""
+    kw = dict(img_size=32, embed_dim=16, depth=2, num_heads=2, stem_width=8, spsa_blocks=(0,), cls_insert_block=1)
+    figures = summary.summarize(jvit.create_model("spvit_s", num_classes=5, **kw))
+    assert figures["activation_bytes_per_image"] > 0 and figures["flops_per_image"] > 0
