@@ -40,6 +40,7 @@ import numpy as np
 from jvit.models.layers import (
     Attention,
     BlockStack,
+    DepthwiseConv2d,
     DropPath,
     Dtype,
     Mlp,
@@ -224,7 +225,7 @@ class PosCNN(nn.Module):
         if grid * grid != n:
             raise ValueError(f"PosCNN needs the patch tokens of a square grid; got {n} (has_cls={has_cls})")
         g = patches.reshape(b, grid, grid, c)
-        g = g + conv2d(c, 3, in_features=c, padding=1, groups=c, name="proj_0", dtype=self.dtype)(g)
+        g = g + DepthwiseConv2d(kernel_size=3, dtype=self.dtype, name="proj_0")(g)
         patches = g.reshape(b, n, c)
         return jnp.concatenate([x[:, :1], patches], axis=1) if has_cls else patches
 
