@@ -62,8 +62,8 @@ def run_original(args, model: str) -> dict[tuple[str, str], float]:
         if not os.path.exists(out):
             return {}
         with open(out) as f:
-            results = json.load(f).get("results", [])
-    return {(r["mode"], r["backend"]): r["img_s_median"] for r in results if r.get("ok")}
+            summary = json.load(f).get("summary", [])
+    return {(d["mode"], d["backend"]): d["img_s_median"] for d in summary if d.get("ok")}
 
 
 def run_jvit(args, model: str, train: bool) -> dict:
