@@ -64,7 +64,8 @@ def summarize(model: nn.Module, variables: dict[str, Any] | None = None) -> dict
             {"params": params, **rest}, x, train=True, rngs={"dropout": jax.random.key(0)}, mutable=mutable or False
         )
         outputs = out[0] if mutable else out  # logits, or a tuple of them (SP-ViT's token labeling)
-        return sum(jnp.sum(t.astype(jnp.float32)) for t in jax.tree.leaves(outputs) if jnp.issubdtype(t.dtype, jnp.floating))
+        floats = [t for t in jax.tree.leaves(outputs) if jnp.issubdtype(t.dtype, jnp.floating)]
+        return sum(jnp.sum(t.astype(jnp.float32)) for t in floats)
 
     def temp_bytes(batch: int) -> int | None:
         rest = {k: v for k, v in abstract.items() if k != "params"}
