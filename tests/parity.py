@@ -73,6 +73,12 @@ def apply_with_intermediates(
     return np.asarray(logits), inter
 
 
+def with_scanned(cases: list[str], scanned) -> list:
+    """``(case, scan)`` parameters: every case unrolled, then those in ``scanned`` again with scanned blocks
+    (ids ``<case>`` and ``<case>-scanned``)."""
+    return [pytest.param(c, False, id=c) for c in cases] + [pytest.param(c, True, id=f"{c}-scanned") for c in scanned]
+
+
 def tolerance(ref: np.ndarray) -> float:
     """The project's parity bound: 1e-4 * max(1, max|ref|)."""
     return 1e-4 * max(1.0, float(np.abs(ref).max()))

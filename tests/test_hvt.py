@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from flax import traverse_util
-from parity import apply_with_intermediates, assert_parity, load_case, nchw_to_nhwc
+from parity import apply_with_intermediates, assert_parity, load_case, nchw_to_nhwc, with_scanned
 from steps import images, sgd_step
 
 import jvit
@@ -75,8 +75,7 @@ SCANNED = {
 
 @pytest.mark.parametrize(
     "case,scan",
-    [(c, False) for c in CASES] + [(c, True) for c in SCANNED],
-    ids=CASES + [f"{c}-scanned" for c in SCANNED],
+    with_scanned(CASES, SCANNED),
 )
 def test_parity(case, scan):
     meta, io, ckpt = load_case("hvt", case)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from flax import traverse_util
-from parity import apply_with_intermediates, assert_parity, load_case, nchw_to_nhwc, tolerance
+from parity import apply_with_intermediates, assert_parity, load_case, nchw_to_nhwc, tolerance, with_scanned
 from steps import cross_entropy, images, sgd_step
 
 import jvit
@@ -114,8 +114,7 @@ SCANNED = {
 
 @pytest.mark.parametrize(
     "name,scan",
-    [(c, False) for c in CASES] + [(c, True) for c in SCANNED],
-    ids=CASES + [f"{c}-scanned" for c in SCANNED],
+    with_scanned(CASES, SCANNED),
 )
 def test_parity(name, scan):
     """Eval logits and every intermediate the fixture holds: stem, each block, attention

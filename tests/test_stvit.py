@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from flax import traverse_util
-from parity import assert_parity, load_case, nchw_to_nhwc
+from parity import assert_parity, load_case, nchw_to_nhwc, with_scanned
 from steps import sgd_step
 
 import jvit
@@ -90,8 +90,7 @@ SCANNED = ["red_ls_pad", "red_iter_pad"]
 
 @pytest.mark.parametrize(
     "case,scan",
-    [(c, False) for c in CASES] + [(c, True) for c in SCANNED],
-    ids=CASES + [f"{c}-scanned" for c in SCANNED],
+    with_scanned(CASES, SCANNED),
 )
 def test_parity(case, scan):
     """Logits and every fixture intermediate (incl. association maps and their column sums) match the
