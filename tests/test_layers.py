@@ -1,24 +1,31 @@
 """Shared layers: global attention goes through ``jax.nn.dot_product_attention`` (cuDNN flash attention
-on GPU) and gives what the explicit softmax path gives."""
+on GPU) off CPU and gives what the explicit softmax path gives; max pooling's gradient follows PyTorch's."""
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jvit.models import layers
 
 
-def test_attention_uses_jax_dot_product_attention_unless_probs_are_needed(monkeypatch):
+def test_attention_uses_jax_dot_product_attention_off_cpu_unless_probs_are_needed(monkeypatch):
     calls = []
     fused = jax.nn.dot_product_attention
     monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, **k: calls.append(1) or fused(*a, **k))
     attn = layers.Attention(num_heads=4, qkv_bias=True, sow_probs=True)
     x = jax.random.normal(jax.random.key(0), (2, 17, 32))
     variables = attn.init(jax.random.key(1), x)
+    # On CPU the heads-first einsums run (faster on XLA:CPU).
     calls.clear()
+    on_cpu = attn.apply(variables, x)
+    assert calls == []
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     out = attn.apply(variables, x)
     assert calls == [1]
+    np.testing.assert_allclose(out, on_cpu, rtol=1e-5, atol=1e-6)
     # Recording the probabilities (an intermediate) takes the explicit softmax path: same numbers.
     explicit, state = attn.apply(variables, x, mutable=["intermediates"])
     assert calls == [1]
@@ -33,3 +40,21 @@ def test_attention_uses_jax_dot_product_attention_unless_probs_are_needed(monkey
     assert calls == []
     dropped.apply(v, x, train=False)
     assert calls == [1]
+
+
+@pytest.mark.parametrize(
+    "shape, window, stride, padding",
+    [((2, 9, 9, 3), 3, 2, 1), ((2, 8, 10, 3), 3, 2, 1), ((1, 7, 7, 2), 2, 2, 0), ((1, 6, 5, 2), 3, 1, 1)],
+)
+def test_max_pool_gradient_goes_to_the_first_maximum_as_in_torch(shape, window, stride, padding):
+    torch = pytest.importorskip("torch")
+    # Small integers make ties common: the gradient must go where PyTorch's kernel sends it.
+    x = np.random.default_rng(0).integers(0, 3, shape).astype(np.float32)
+    y = np.asarray(layers.max_pool_2d(jnp.asarray(x), window, stride, padding))
+    g = np.random.default_rng(1).normal(size=y.shape).astype(np.float32)
+    dx = jax.grad(lambda x: jnp.sum(layers.max_pool_2d(x, window, stride, padding) * g))(jnp.asarray(x))
+    xt = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
+    yt = torch.nn.functional.max_pool2d(xt, window, stride, padding)
+    yt.backward(torch.tensor(g.transpose(0, 3, 1, 2)))
+    np.testing.assert_array_equal(y, yt.detach().numpy().transpose(0, 2, 3, 1))
+    np.testing.assert_allclose(np.asarray(dx), xt.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-6, atol=1e-6)
