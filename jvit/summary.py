@@ -9,9 +9,9 @@ analyses on the current backend: FLOPs are XLA's ``cost_analysis`` of the eval f
 counts element-wise ops, softmax and normalisations, so ``gmacs`` runs 1-11 % above the papers' counts
 of matmul/conv multiply-adds, e.g. HVT-Ti-1 0.649 vs 0.642, So-ViT-7 1.434 vs 1.295), and the
 activation memory per image is the growth of the compiled train-mode forward + backward's temporary
-buffers from batch 1 to batch 2 (what each extra image costs when training). A model with scanned blocks
-(``scan_blocks``) is analysed as its unrolled twin, the same computation: XLA's cost analysis counts
-the body of a loop once, not once per iteration.
+buffers from batch 1 to batch 2 (what each extra image costs when training). The FLOPs of a model with
+scanned blocks (``scan_blocks``) are those of its unrolled twin, the same computation: XLA's cost analysis
+counts the body of a loop once, not once per iteration.
 """
 
 from __future__ import annotations
@@ -43,16 +43,23 @@ def summarize(model: nn.Module, variables: dict[str, Any] | None = None) -> dict
     ``flops_per_image``, ``gmacs_per_image``, ``activation_bytes_per_image`` (train mode) and
     ``img_size``. A figure the backend does not report is ``None``.
     """
-    if getattr(model, "scan_blocks", False):
-        model, variables = model.clone(scan_blocks=False), None  # see the module docstring
     size = model.img_size
     image = lambda b: jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32)
-    if variables is None:
-        variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), image(1))
-    variables = {k: v for k, v in variables.items() if k != "intermediates"}
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), variables)
 
-    forward = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(abstract, image(1)).compile()
+    def shapes(model, variables):
+        if variables is None:
+            variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), image(1))
+        variables = {k: v for k, v in variables.items() if k != "intermediates"}
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), variables)
+
+    abstract = shapes(model, variables)
+    # FLOPs of a scanned model come from its unrolled twin (see the module docstring); its memory is
+    # its own, and compiling the unrolled train step could take minutes.
+    counted, counted_abstract = model, abstract
+    if getattr(model, "scan_blocks", False):
+        counted = model.clone(scan_blocks=False)
+        counted_abstract = shapes(counted, None)
+    forward = jax.jit(lambda v, x: counted.apply(v, x, train=False)).lower(counted_abstract, image(1)).compile()
     cost = forward.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: one dict per computation
     flops = cost.get("flops") if cost else None

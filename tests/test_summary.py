@@ -30,6 +30,8 @@ def test_a_scanned_model_counts_every_block():
     scanned = summary.summarize(jvit.create_model("hvt_ti_1", num_classes=5, img_size=16, scan_blocks=True, **kw))
     assert scanned["flops_per_image"] == unrolled["flops_per_image"]
     assert scanned["params_trainable"] == unrolled["params_trainable"]
+    # Its activation memory is its own scanned train step's.
+    assert scanned["activation_bytes_per_image"] > 0
 
 
 @pytest.mark.slow
