@@ -12,7 +12,8 @@ the trace, joined with the optimized HLO (``compiled.as_text()``), says per inst
 
 * milliseconds per step (summed over the thunk's executions; thunks that run concurrently on the
   executor's threads are each counted in full, so the column can add up to more than the wall time);
-* the FLOPs of the dots and convolutions inside it (from the HLO shapes) and the GFLOP/s it reached;
+* the FLOPs per step of the dots and convolutions inside it (from the HLO shapes, times its executions)
+  and the GFLOP/s it reached;
 * what it is (fusion kind or opcode, output shape) and where it comes from: the innermost jvit /
   flax / optax source line of its root op (the HLO's stack-frame metadata).
 
@@ -272,7 +273,8 @@ def main(argv=None) -> None:
     rows = []
     for name, (seconds, count) in thunks.items():
         ins = by_name.get(name)
-        flops = nested_flops(ins, by_name, members) if ins else 0.0
+        # Per step: a thunk inside a scanned loop body runs once per iteration.
+        flops = nested_flops(ins, by_name, members) * count / n if ins else 0.0
         rows.append(
             (seconds / n, count / n, flops, describe(ins) if ins else "?", source(ins, frames) if ins else "?", name)
         )
