@@ -361,25 +361,29 @@ def dot_product_attention(
     dropout: nn.Dropout | None = None,
     train: bool = False,
     on_probs: Callable[[jax.Array], Any] | None = None,
+    logits_fn: Callable[[jax.Array], jax.Array] | None = None,
 ) -> jax.Array:
     """``softmax(q k^T * scale) v`` per head on ``[B, N, heads, hd]`` inputs (Vaswani et al., Eq. 1).
 
     The softmax runs in float32 whatever the compute dtype, as in the originals' AMP training.
     ``on_probs`` (if given) receives the probabilities ``[B, heads, N, N]`` before dropout, e.g. to
-    sow them as an intermediate.
+    sow them as an intermediate. ``logits_fn`` (if given) maps the scaled float32 logits
+    ``[B, heads, N, N]`` before the softmax, e.g. SP-SA's multiplicative spatial prior.
 
-    Off CPU, without attention dropout in effect and without ``on_probs``, this is
+    Off CPU, without attention dropout in effect, ``on_probs`` or ``logits_fn``, this is
     ``jax.nn.dot_product_attention``, which reaches cuDNN's fused (flash) attention on GPU in
     bf16/fp16; the probabilities then never exist as an ``[N, N]`` array in memory.
     """
-    fused = on_probs is None and (dropout is None or not train or dropout.rate == 0.0)
-    if fused and jax.default_backend() != "cpu":
+    plain = on_probs is None and logits_fn is None and (dropout is None or not train or dropout.rate == 0.0)
+    if plain and jax.default_backend() != "cpu":
         return jax.nn.dot_product_attention(q, k, v, scale=scale).astype(v.dtype)
     # Heads first, so that both batched matmuls run on contiguous [N, hd] / [N, N] slices: XLA:CPU
     # runs this 1.3-1.5x faster (forward, and forward + backward) than the [B, N, heads, hd] einsums.
     q, k, v = (t.swapaxes(-3, -2) for t in (q, k, v))
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k) * scale
-    attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    logits = (jnp.einsum("bhqd,bhkd->bhqk", q, k) * scale).astype(jnp.float32)
+    if logits_fn is not None:
+        logits = logits_fn(logits)
+    attn = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     if on_probs is not None:
         on_probs(attn)
     if dropout is not None:

@@ -48,6 +48,7 @@ from jvit.models.layers import (
     check_image,
     conv2d,
     dense,
+    dot_product_attention,
     drop_path_rates,
     layer_norm,
     split_heads,
@@ -154,15 +155,18 @@ class SpatialPriorAttention(nn.Module):
         prior = self.prior(grid)
         self.sow("intermediates", "spsa_prior", prior)
 
-        # Scaled logits first, then the prior (the original's order); softmax in float32. Heads
-        # first, as in layers.dot_product_attention (faster batched matmuls on XLA:CPU).
-        q, k, v = (t.swapaxes(1, 2) for t in (q, k, v))
-        logits = jnp.einsum("bhqd,bhkd->bhqk", q, k) * scale
-        attn = jax.nn.softmax(logits.astype(jnp.float32) * prior, axis=-1)
-        self.sow("intermediates", "attn_probs", attn)
-        attn = self.attn_dropout(attn, deterministic=not train).astype(v.dtype)
-        out = jnp.einsum("bhqk,bhkd->bhqd", attn, v).swapaxes(1, 2).reshape(b, n, c)
-        return self.proj_dropout(self.proj(out), deterministic=not train)
+        # Scaled logits first, then the prior (the original's order); softmax in float32.
+        out = dot_product_attention(
+            q,
+            k,
+            v,
+            scale,
+            self.attn_dropout,
+            train,
+            on_probs=lambda p: self.sow("intermediates", "attn_probs", p),
+            logits_fn=lambda logits: logits * prior,
+        )
+        return self.proj_dropout(self.proj(out.reshape(b, n, c)), deterministic=not train)
 
 
 # ---------------------------------------------------------------------------------------------
