@@ -26,7 +26,7 @@ from jvit.train.losses import soft_targets
 def load_timm_data_module(name: str) -> ModuleType:
     spec = importlib.util.find_spec("timm")
     if spec is None:
-        pytest.skip("timm is not installed")
+        pytest.fail("timm 0.4.12 is a test dependency: pip install --no-deps timm==0.4.12 (README)")
     path = Path(spec.submodule_search_locations[0]) / "data" / f"{name}.py"
     module_spec = importlib.util.spec_from_file_location(f"timm_{name}", path)
     module = importlib.util.module_from_spec(module_spec)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import timm_ref
 import torch
 from flax import traverse_util
 from parity import assert_parity, load_case, nchw_to_nhwc
@@ -106,11 +107,10 @@ TIMM_NAME = {
 @pytest.mark.parametrize("name", FULL)
 def test_parity_full_depth(name, tmp_path):
     """The registered variant against timm's own constructor of that name, randomised, at 224."""
-    timm_ref = pytest.importorskip("timm_ref")
     try:
         vit, swin = timm_ref.load_timm()
     except ImportError as e:
-        pytest.skip(f"timm is not installed: {e}")
+        pytest.fail(f"{e}; timm 0.4.12 is a test dependency: pip install --no-deps timm==0.4.12 (README)")
     family = "deit" if name.startswith("deit") else "swin"
     ref = getattr(vit if family == "deit" else swin, TIMM_NAME[name])(pretrained=False)
     timm_ref.randomise(ref, seed=7)

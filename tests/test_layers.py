@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 from jvit.models import layers
 
@@ -47,7 +48,6 @@ def test_attention_uses_jax_dot_product_attention_off_cpu_unless_probs_are_neede
     [((2, 9, 9, 3), 3, 2, 1), ((2, 8, 10, 3), 3, 2, 1), ((1, 7, 7, 2), 2, 2, 0), ((1, 6, 5, 2), 3, 1, 1)],
 )
 def test_max_pool_gradient_goes_to_the_first_maximum_as_in_torch(shape, window, stride, padding):
-    torch = pytest.importorskip("torch")
     # Small integers make ties common: the gradient must go where PyTorch's kernel sends it.
     x = np.random.default_rng(0).integers(0, 3, shape).astype(np.float32)
     y = np.asarray(layers.max_pool_2d(jnp.asarray(x), window, stride, padding))

@@ -7,12 +7,11 @@ the exact float64 result, from its own rounding.)"""
 
 import numpy as np
 import pytest
+import torch
 
 import jvit
 from jvit.models import resize
 from jvit.train import state as state_lib
-
-torch = pytest.importorskip("torch")
 
 
 def torch_bicubic(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:

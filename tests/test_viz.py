@@ -13,8 +13,6 @@ import jvit.convert.layout
 import jvit.utils
 from jvit import viz
 
-pytest.importorskip("matplotlib")
-
 
 def tiny(name, size, **kwargs):
     model = jvit.create_model(name, num_classes=7, img_size=size, **kwargs)
