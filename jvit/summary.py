@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 import jvit
+from jvit.models import layers
 from jvit.utils import count_params
 
 
@@ -76,7 +77,11 @@ def summarize(model: nn.Module, variables: dict[str, Any] | None = None) -> dict
 
     def temp_bytes(batch: int) -> int | None:
         rest = {k: v for k, v in abstract.items() if k != "params"}
-        grad = jax.jit(jax.grad(train_loss)).lower(abstract["params"], rest, image(batch)).compile()
+        grad = (
+            jax.jit(jax.grad(train_loss), compiler_options=layers.BARRIER_COMPILER_OPTIONS)
+            .lower(abstract["params"], rest, image(batch))
+            .compile()
+        )
         memory = grad.memory_analysis()
         return None if memory is None else memory.temp_size_in_bytes
 

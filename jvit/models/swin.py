@@ -228,7 +228,7 @@ class SwinStage(nn.Module):
                 drop_path=self.drop_paths[i],
                 dtype=self.dtype,
                 name=f"blocks_{i}",
-            )(x, train)
+            )(layers.gradient_barrier(x), train)
         if self.downsample:
             if self.resolution[0] % 2 or self.resolution[1] % 2:
                 raise ValueError(f"patch merging needs an even token map, got {self.resolution}")

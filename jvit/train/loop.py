@@ -21,6 +21,7 @@ import jvit
 import jvit.checkpoint
 from jvit.data import pipeline, preprocess, sources
 from jvit.errors import ConfigError
+from jvit.models import layers
 from jvit.train import config as config_lib
 from jvit.train import distributed, losses, optim, sharding, steps
 from jvit.train import state as state_lib
@@ -301,6 +302,8 @@ def compiled_steps(exp: Experiment):
         in_shardings=(shardings, batch),
         out_shardings=(shardings, sharding.replicated(exp.mesh)),
         donate_argnums=0,
+        # Keep the blocks' gradient barriers on XLA:CPU (layers.gradient_barrier).
+        compiler_options=layers.BARRIER_COMPILER_OPTIONS,
     )
     evaluate = jax.jit(
         functools.partial(steps.eval_step, model=exp.model, mean=exp.mean, std=exp.std),
