@@ -21,6 +21,7 @@ import pytest
 from flax import traverse_util
 
 import jvit
+from jvit.models import layers
 from jvit.models.sot import HeadConfig
 from jvit.utils import abstract_variables, count_params, init_variables
 
@@ -288,18 +289,21 @@ def test_remat_keeps_fewer_activations():
     assert kept["block"] < kept["dots"] < kept["none"], kept
 
 
-@pytest.mark.skipif(
-    jax.default_backend() == "cpu",
-    reason="XLA:CPU's temp bytes do not shrink under remat (4-block DeiT, batch 32: 37.6 MiB 'none', 38.4 'block')",
-)
-def test_remat_block_lowers_the_compiled_train_step_memory():
-    """On an accelerator, the compiled train step of a small DeiT needs fewer temporary bytes under 'block'."""
+def test_remat_lowers_the_compiled_train_step_memory():
+    """The compiled gradient of a small DeiT needs fewer temporary bytes under 'dots', fewest under
+    'block', compiled as the trainer compiles (``BARRIER_COMPILER_OPTIONS``: without them XLA:CPU
+    deletes remat's optimization barriers, CSE undoes the recomputation, and 'block' needs as much
+    as 'none': 35.1 vs 34.5 MiB here; with them 11.2, 'dots' 17.4)."""
     x = jax.ShapeDtypeStruct((64, 64, 64, 3), jnp.float32)
 
     def temp_bytes(policy: str) -> int:
         model = small_model("deit_tiny", img_size=64, depth=6, remat=policy)
         variables = abstract_variables(model)
         grad = jax.grad(lambda p, x: jnp.sum(model.apply({"params": p}, x, train=True)))
-        return jax.jit(grad).lower(variables["params"], x).compile().memory_analysis().temp_size_in_bytes
+        compiled = (
+            jax.jit(grad, compiler_options=layers.BARRIER_COMPILER_OPTIONS).lower(variables["params"], x).compile()
+        )
+        return compiled.memory_analysis().temp_size_in_bytes
 
-    assert temp_bytes("block") < temp_bytes("none")
+    temp = {policy: temp_bytes(policy) for policy in ("none", "dots", "block")}
+    assert temp["block"] < temp["dots"] < temp["none"], temp
