@@ -78,7 +78,7 @@ def summarize(model: nn.Module, variables: dict[str, Any] | None = None) -> dict
     def temp_bytes(batch: int) -> int | None:
         rest = {k: v for k, v in abstract.items() if k != "params"}
         grad = (
-            jax.jit(jax.grad(train_loss), compiler_options=layers.BARRIER_COMPILER_OPTIONS)
+            jax.jit(jax.grad(train_loss), compiler_options=layers.barrier_compiler_options())
             .lower(abstract["params"], rest, image(batch))
             .compile()
         )

@@ -90,7 +90,7 @@ def _max_fusion_operands(hlo: str) -> int:
 def test_gradient_barrier_keeps_an_unrolled_stacks_backward_linear_in_depth():
     # Without stored residual gradients XLA:CPU fused the whole chain of later blocks' backward into
     # each block's gradient kernels: the largest fusion grew with depth (SP-ViT-S: 10x slower steps).
-    options = layers.BARRIER_COMPILER_OPTIONS
+    options = layers.barrier_compiler_options()
     (_, shallow), (grads, deep) = _unrolled_stack_grad(4, options), _unrolled_stack_grad(8, options)
     assert "opt-barrier" in deep
     assert _max_fusion_operands(deep) == _max_fusion_operands(shallow)

@@ -291,7 +291,7 @@ def test_remat_keeps_fewer_activations():
 
 def test_remat_lowers_the_compiled_train_step_memory():
     """The compiled gradient of a small DeiT needs fewer temporary bytes under 'dots', fewest under
-    'block', compiled as the trainer compiles (``BARRIER_COMPILER_OPTIONS``: without them XLA:CPU
+    'block', compiled as the trainer compiles (``barrier_compiler_options()``: without them XLA:CPU
     deletes remat's optimization barriers, CSE undoes the recomputation, and 'block' needs as much
     as 'none': 35.1 vs 34.5 MiB here; with them 11.2, 'dots' 17.4)."""
     x = jax.ShapeDtypeStruct((64, 64, 64, 3), jnp.float32)
@@ -301,7 +301,7 @@ def test_remat_lowers_the_compiled_train_step_memory():
         variables = abstract_variables(model)
         grad = jax.grad(lambda p, x: jnp.sum(model.apply({"params": p}, x, train=True)))
         compiled = (
-            jax.jit(grad, compiler_options=layers.BARRIER_COMPILER_OPTIONS).lower(variables["params"], x).compile()
+            jax.jit(grad, compiler_options=layers.barrier_compiler_options()).lower(variables["params"], x).compile()
         )
         return compiled.memory_analysis().temp_size_in_bytes
 

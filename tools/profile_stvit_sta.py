@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import jvit  # noqa: E402
-from jvit.models import stvit  # noqa: E402
+from jvit.models import layers, stvit  # noqa: E402
 from jvit.models.layers import Attention  # noqa: E402
 
 REAL_STA = stvit.SuperTokenAttention
@@ -105,7 +105,7 @@ def steps(model, x: jax.Array, y: jax.Array) -> tuple[Callable, Callable]:
         params = jax.tree.map(lambda p, g: p - 1e-3 * g, variables["params"], grads)
         return loss, {**variables, **updates, "params": params}
 
-    return jax.jit(infer), jax.jit(train)
+    return jax.jit(infer), jax.jit(train, compiler_options=layers.barrier_compiler_options())
 
 
 def timed(fn: Callable, *args) -> float:

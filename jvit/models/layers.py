@@ -298,10 +298,16 @@ def avg_pool_2d(x: jax.Array, window: int, stride: int) -> jax.Array:
     return nn.avg_pool(x, (window, window), (stride, stride), "VALID")
 
 
-# XLA:CPU normally expands (deletes) optimization barriers before fusion; steps compiled with these
-# options keep them, so that gradient_barrier (and jax.checkpoint's barriers) hold on CPU too. The
-# option only names a pass to skip, so it is a no-op where that pass is not in the pipeline (GPU, TPU).
-BARRIER_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "cse_barrier_expander"}
+def barrier_compiler_options() -> dict[str, str]:
+    """``jax.jit`` compiler options that keep optimization barriers through XLA:CPU's fusion.
+
+    XLA:CPU deletes optimization barriers (its ``cse_barrier_expander`` pass) before it fuses, so
+    neither :func:`gradient_barrier` nor ``jax.checkpoint``'s barriers hold there: unrolled train
+    steps recompute the residual gradient chain, and remat saves no memory. A step compiled with
+    these options keeps them. Empty off CPU: GPU compilers drop barriers only after fusion and
+    scheduling, where they have done their work.
+    """
+    return {"xla_disable_hlo_passes": "cse_barrier_expander"} if jax.default_backend() == "cpu" else {}
 
 
 @jax.custom_vjp
@@ -311,9 +317,10 @@ def gradient_barrier(x: jax.Array) -> jax.Array:
     A residual stack's backward is a chain ``g_l = g_{l+1} + (branch and LayerNorm backward)_l``
     of cheap elementwise ops. Left alone, XLA:CPU fuses the whole chain into every consumer of
     every ``g_l`` (the weight-gradient transposes, DropPath's mask) instead of storing it, so an
-    unrolled depth-``L`` stack's backward recomputes ``O(L^2)`` block backwards: 3x slower steps
-    and 10x longer compiles for SP-ViT-S. A barrier on each block's input cotangent stores ``g_l``
-    once. Needs :data:`BARRIER_COMPILER_OPTIONS` on XLA:CPU; the forward is untouched.
+    unrolled depth-``L`` stack's backward recomputes ``O(L^2)`` block backwards (SP-ViT-S, batch 8:
+    steps and compile about 10x slower). A barrier on each block's input cotangent stores ``g_l``
+    once. On XLA:CPU it holds in steps compiled with :func:`barrier_compiler_options`; the forward
+    is untouched.
     """
     return x
 

@@ -303,7 +303,7 @@ def compiled_steps(exp: Experiment):
         out_shardings=(shardings, sharding.replicated(exp.mesh)),
         donate_argnums=0,
         # Keep the blocks' gradient barriers on XLA:CPU (layers.gradient_barrier).
-        compiler_options=layers.BARRIER_COMPILER_OPTIONS,
+        compiler_options=layers.barrier_compiler_options(),
     )
     evaluate = jax.jit(
         functools.partial(steps.eval_step, model=exp.model, mean=exp.mean, std=exp.std),
