@@ -1,10 +1,12 @@
 """Shared layers: global attention goes through ``jax.nn.dot_product_attention`` (cuDNN flash attention
-on GPU) off CPU and gives what the explicit softmax path gives; max pooling's gradient follows PyTorch's."""
+on GPU) off CPU and gives what the explicit softmax path gives; max pooling's gradient follows PyTorch's; an unrolled
+block stack's compiled backward stays linear in depth (gradient barriers)."""
 
 from __future__ import annotations
 
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,7 +67,6 @@ def test_max_pool_gradient_goes_to_the_first_maximum_as_in_torch(shape, window, 
 def _unrolled_stack_grad(depth: int, compiler_options: dict | None):
     """The jitted parameter gradient of a depth-``depth`` unrolled BlockStack of ViT blocks (with
     drop path) on ``[2, 5, 16]`` tokens, compiled with ``compiler_options``: (grads, optimized HLO)."""
-    import flax.linen as nn
 
     class Stack(nn.Module):
         @nn.compact

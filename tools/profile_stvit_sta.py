@@ -39,7 +39,6 @@ import optax  # noqa: E402
 
 import jvit  # noqa: E402
 from jvit.models import layers, stvit  # noqa: E402
-from jvit.models.layers import Attention  # noqa: E402
 
 REAL_STA = stvit.SuperTokenAttention
 
@@ -74,7 +73,9 @@ class AblatedSTA(REAL_STA):
         cells = stvit.to_cells(jnp.pad(x, ((0, 0), (0, -h % s), (0, -w % s), (0, 0))), s)
         hh, ww = cells.shape[1], cells.shape[3]
         means = cells.mean(axis=(2, 4)).reshape(b, -1, c)
-        tokens = Attention(self.num_heads, self.qkv_bias, name="stoken_refine")(means).reshape(b, hh, 1, ww, 1, c)
+        tokens = layers.Attention(self.num_heads, self.qkv_bias, name="stoken_refine")(means).reshape(
+            b, hh, 1, ww, 1, c
+        )
         return jnp.broadcast_to(tokens, cells.shape).reshape(b, hh * s, ww * s, c)[:, :h, :w]
 
 
