@@ -20,6 +20,7 @@ import jvit.convert
 import jvit.convert.layout
 from jvit.convert.core import ConversionError, convert_state_dict
 from jvit.convert.torch_io import select_state_dict, to_numpy
+from jvit.models import layers
 from jvit.models.layers import DepthwiseConv2d, gelu
 from jvit.models.stvit import NEIGHBOURS, SuperTokenAttention, band_mask, fold_rows, neighbour_rows
 from jvit.utils import abstract_variables, count_params
@@ -141,8 +142,8 @@ def test_neighbour_rows_band_holds_the_3x3_neighbourhood_and_fold_is_its_adjoint
 
 
 def test_depthwise_conv_and_gelu_match_torch():
-    """The shifted-slice depthwise conv (CPE, ConvFFN) is torch's Conv2d(groups=C, padding=1), and
-    the erf-form GELU is torch's exact GELU."""
+    """The shifted-slice depthwise conv (CPE, ConvFFN) is torch's Conv2d(groups=C, padding=1), forward
+    and gradients, and the erf-form GELU is torch's exact GELU."""
     x = np.random.default_rng(0).standard_normal((2, 5, 7, 6)).astype(np.float32)
     conv = torch.nn.Conv2d(6, 6, 3, padding=1, groups=6)
     dw = DepthwiseConv2d(3)
@@ -152,6 +153,16 @@ def test_depthwise_conv_and_gelu_match_torch():
     assert jax.tree.map(np.shape, variables) == jax.tree.map(np.shape, dw.init(jax.random.key(0), x))
     ref = conv(torch.from_numpy(x.transpose(0, 3, 1, 2))).detach().numpy().transpose(0, 2, 3, 1)
     np.testing.assert_allclose(dw.apply(variables, x), ref, atol=1e-6)
+    # The hand-written backward (input and kernel gradients), compiled as the trainer compiles it.
+    gy = np.random.default_rng(1).standard_normal(ref.shape).astype(np.float32)
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2)).requires_grad_()
+    (conv(xt) * torch.from_numpy(gy.transpose(0, 3, 1, 2))).sum().backward()
+    loss = lambda v, x: jnp.sum(dw.apply(v, x) * gy)  # noqa: E731
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)), compiler_options=layers.barrier_compiler_options())
+    dv, dx = grad(variables, x)
+    np.testing.assert_allclose(dx, xt.grad.numpy().transpose(0, 2, 3, 1), atol=1e-5)
+    np.testing.assert_allclose(dv["params"]["kernel"], conv.weight.grad.numpy().transpose(2, 3, 1, 0), atol=1e-5)
+    np.testing.assert_allclose(dv["params"]["bias"], conv.bias.grad.numpy(), atol=1e-5)
     z = np.linspace(-12, 12, 100_001, dtype=np.float32)
     np.testing.assert_allclose(gelu(z), torch.nn.functional.gelu(torch.from_numpy(z)).numpy(), atol=2e-6)
 

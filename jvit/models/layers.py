@@ -192,13 +192,46 @@ class DepthwiseConv2d(nn.Module):
         if k % 2 != 1:
             raise ValueError(f"DepthwiseConv2d needs an odd kernel_size, got {k}")
         kernel = self.param("kernel", torch_default_kernel_init, (k, k, 1, c), jnp.float32).astype(self.dtype)
-        x = x.astype(self.dtype)
-        h, w, p = x.shape[1], x.shape[2], k // 2
-        xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-        out = sum(xp[:, i : i + h, j : j + w] * kernel[i, j, 0] for i in range(k) for j in range(k))
+        out = depthwise_conv2d(x.astype(self.dtype), kernel)
         if self.use_bias:
             out = out + self.param("bias", torch_default_bias_init(k * k), (c,), jnp.float32).astype(self.dtype)
         return out
+
+
+def _shifted_taps(x: jax.Array, k: int):
+    """``x`` zero-padded by ``k // 2``, cropped at each of the ``k * k`` offsets, row-major."""
+    h, w, p = x.shape[1], x.shape[2], k // 2
+    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    return [xp[:, i : i + h, j : j + w] for i in range(k) for j in range(k)]
+
+
+@jax.custom_vjp
+def depthwise_conv2d(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``sum_ij x_padded[:, i : i + H, j : j + W] * kernel[i, j, 0]``: a stride-1, ``k // 2``-padded
+    depthwise convolution (cross-correlation, as PyTorch's) of NHWC ``x`` with ``kernel [k, k, 1, C]``.
+
+    The backward stores the output cotangent and the input (optimization barriers): the input
+    gradient and each tap's kernel gradient read them ``k * k`` times, and XLA:CPU would otherwise
+    fuse their producers (GELU and its backward, in STViT's ConvFFN) into every read.
+    """
+    k = kernel.shape[0]
+    return sum(t * kernel[n // k, n % k, 0] for n, t in enumerate(_shifted_taps(x, k)))
+
+
+def _depthwise_conv2d_fwd(x, kernel):
+    return depthwise_conv2d(x, kernel), (jax.lax.optimization_barrier(x), kernel)
+
+
+def _depthwise_conv2d_bwd(residuals, g):
+    x, kernel = residuals
+    g = jax.lax.optimization_barrier(g)
+    k = kernel.shape[0]
+    dx = depthwise_conv2d(g, kernel[::-1, ::-1])  # the adjoint of a cross-correlation: the flipped kernel
+    dkernel = jnp.stack([jnp.sum(t * g, axis=(0, 1, 2)) for t in _shifted_taps(x, k)])
+    return dx, dkernel.reshape(kernel.shape)
+
+
+depthwise_conv2d.defvjp(_depthwise_conv2d_fwd, _depthwise_conv2d_bwd)
 
 
 def dense(
@@ -209,7 +242,13 @@ def dense(
     kernel_init: Initializer = trunc_normal_02,
     bias_init: Initializer = nn.initializers.zeros,
 ) -> nn.Dense:
-    """A Linear layer, by default with timm's ViT init (normal std 0.02, zero bias)."""
+    """A Linear layer, by default with timm's ViT init (normal std 0.02, zero bias).
+
+    Its output's cotangent is stored (:func:`gradient_barrier`): the kernel gradient
+    ``x^T @ dy`` transposes ``dy``, and XLA:CPU otherwise fuses everything that produces ``dy``
+    (GELU's backward, the rest of the block's backward) into that transpose, recomputing it in a
+    slow loop (SP-ViT-S train step 3.73 -> 3.17 s, HVT-Ti-1 343 -> 316 ms).
+    """
     return nn.Dense(
         features,
         use_bias=use_bias,
@@ -217,7 +256,12 @@ def dense(
         bias_init=bias_init,
         dtype=dtype,
         name=name,
+        dot_general=_dot_general_storing_cotangent,
     )
+
+
+def _dot_general_storing_cotangent(*args, **kwargs) -> jax.Array:
+    return gradient_barrier(jax.lax.dot_general(*args, **kwargs))
 
 
 def torch_dense(
@@ -257,8 +301,22 @@ def _window_slices(x_padded: jax.Array, window: int, stride: int, out_hw: tuple[
 
 
 def _max_pool_2d_fwd(x, window, stride, padding):
-    y = max_pool_2d(x, window, stride, padding)
-    return y, (x, y)
+    # One pass over the window offsets gives the maximum and the offset of its first occurrence
+    # (a later offset wins only if strictly greater). The offset, one int8 per output, is what the
+    # backward needs; the barrier stores it, so the backward does not recompute the comparisons
+    # for every input cell it writes.
+    if window * window > 127:
+        raise ValueError(f"max_pool_2d: window {window} too large for the int8 argmax offset")
+    x_padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=-jnp.inf)
+    out_hw = tuple((n + 2 * padding - window) // stride + 1 for n in x.shape[1:3])
+    y = first = None
+    for i, j, xs in _window_slices(x_padded, window, stride, out_hw):
+        offset = jnp.int8(i * window + j)
+        if y is None:
+            y, first = xs, jnp.full(xs.shape, offset)
+        else:
+            first, y = jnp.where(xs > y, offset, first), jnp.maximum(y, xs)
+    return y, (jax.lax.optimization_barrier(first), x.shape)
 
 
 def _max_pool_2d_bwd(window, stride, padding, residuals, g):
@@ -267,27 +325,27 @@ def _max_pool_2d_bwd(window, stride, padding, residuals, g):
     # within a group they only shift by whole output cells, so each group is one plane of the
     # input's stride x stride phases, and interleaving the planes gives the input gradient with no
     # scatter.
-    x, y = residuals
-    b, ho, wo, c = y.shape
-    pad = ((0, 0), (padding, padding), (padding, padding), (0, 0))
-    x_padded = jnp.pad(x, pad, constant_values=-jnp.inf)
+    first, x_shape = residuals
+    # The planes read g up to (window / stride)^2 times per input cell: store it rather than let
+    # XLA fuse its producers (e.g. the summed backward of every DenseNet layer) into each read.
+    g = jax.lax.optimization_barrier(g)
+    b, ho, wo, c = g.shape
     nh, nw = ho + (window - 1) // stride, wo + (window - 1) // stride
     planes = {}
-    taken = jnp.zeros(y.shape, bool)
-    for i, j, xs in _window_slices(x_padded, window, stride, (ho, wo)):
-        first = (xs == y) & ~taken
-        taken = taken | first
-        si, sj = i // stride, j // stride
-        part = jnp.pad(jnp.where(first, g, 0), ((0, 0), (si, nh - ho - si), (sj, nw - wo - sj), (0, 0)))
-        phase = (i % stride, j % stride)
-        planes[phase] = planes[phase] + part if phase in planes else part
+    for i in range(window):
+        for j in range(window):
+            si, sj = i // stride, j // stride
+            part = jnp.where(first == i * window + j, g, 0)
+            part = jnp.pad(part, ((0, 0), (si, nh - ho - si), (sj, nw - wo - sj), (0, 0)))
+            phase = (i % stride, j % stride)
+            planes[phase] = planes[phase] + part if phase in planes else part
     zero = jnp.zeros((b, nh, nw, c), g.dtype)
     rows = [jnp.stack([planes.get((pi, pj), zero) for pj in range(stride)], axis=3) for pi in range(stride)]
     dx = jnp.stack(rows, axis=2).reshape(b, nh * stride, nw * stride, c)
     # Rows and columns past the last window (floor mode) get no gradient.
-    hp, wp = x_padded.shape[1:3]
+    hp, wp = x_shape[1] + 2 * padding, x_shape[2] + 2 * padding
     dx = jnp.pad(dx, ((0, 0), (0, max(hp - nh * stride, 0)), (0, max(wp - nw * stride, 0)), (0, 0)))
-    return (dx[:, padding : padding + x.shape[1], padding : padding + x.shape[2]],)
+    return (dx[:, padding : padding + x_shape[1], padding : padding + x_shape[2]],)
 
 
 max_pool_2d.defvjp(_max_pool_2d_fwd, _max_pool_2d_bwd)
