@@ -165,7 +165,9 @@ class Conv1x1(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features), jnp.float32)
         x = x[:, :: self.strides[0], :: self.strides[1]].astype(self.dtype)
-        y = jnp.einsum("bhwc,cd->bhwd", x, kernel[0, 0].astype(self.dtype))
+        # The output cotangent is stored, as a Dense layer's is (see `dense`): SoT-Tiny's train step
+        # 2042 -> 1895 ms.
+        y = gradient_barrier(jnp.einsum("bhwc,cd->bhwd", x, kernel[0, 0].astype(self.dtype)))
         if self.use_bias:
             y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(self.dtype)
         return y
