@@ -1,6 +1,7 @@
 """Shared layers: global attention goes through ``jax.nn.dot_product_attention`` (cuDNN flash attention
 on GPU) off CPU and gives what the explicit softmax path gives; max pooling's gradient follows PyTorch's; an unrolled
-block stack's compiled backward stays linear in depth (gradient barriers)."""
+block stack's compiled backward stays linear in depth (gradient barriers); non-overlapping convolutions run as matmuls
+equal to the convolution."""
 
 from __future__ import annotations
 
@@ -100,3 +101,27 @@ def test_gradient_barrier_keeps_an_unrolled_stacks_backward_linear_in_depth():
     plain, _ = _unrolled_stack_grad(8, None)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(plain)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "hw"),
+    [(1, 1, (7, 6)), (1, 2, (7, 6)), (4, 4, (18, 19)), (16, 16, (32, 32))],
+    ids=["pointwise", "pointwise-strided", "patches-cropped", "patch16"],
+)
+def test_non_overlapping_convolutions_run_as_matmuls_equal_to_the_convolution(kernel, stride, hw):
+    """``conv2d`` computes 1x1 and stride == kernel convolutions as matmuls (:class:`MatmulConv`): same
+    parameters as ``nn.Conv``, same outputs and gradients (input and kernel), floor mode included."""
+    conv = layers.conv2d(5, kernel, in_features=3, stride=stride, name="c")
+    assert isinstance(conv, layers.MatmulConv)
+    ref = nn.Conv(5, (kernel, kernel), strides=(stride, stride), padding="VALID")
+    x = jax.random.normal(jax.random.key(0), (2, *hw, 3))
+    variables = conv.init(jax.random.key(1), x)
+    assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, ref.init(jax.random.key(1), x))
+    gy = jax.random.normal(jax.random.key(2), ref.apply(variables, x).shape)
+
+    def grads(module):
+        return jax.grad(lambda v, x: jnp.sum(module.apply(v, x) * gy), argnums=(0, 1))(variables, x)
+
+    np.testing.assert_allclose(conv.apply(variables, x), ref.apply(variables, x), atol=1e-5)
+    for got, want in zip(jax.tree.leaves(grads(conv)), jax.tree.leaves(grads(ref))):
+        np.testing.assert_allclose(got, want, atol=1e-4)
