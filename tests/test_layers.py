@@ -57,7 +57,11 @@ def test_max_pool_gradient_goes_to_the_first_maximum_as_in_torch(shape, window, 
     x = np.random.default_rng(0).integers(0, 3, shape).astype(np.float32)
     y = np.asarray(layers.max_pool_2d(jnp.asarray(x), window, stride, padding))
     g = np.random.default_rng(1).normal(size=y.shape).astype(np.float32)
-    dx = jax.grad(lambda x: jnp.sum(layers.max_pool_2d(x, window, stride, padding) * g))(jnp.asarray(x))
+    loss = lambda x: jnp.sum(layers.max_pool_2d(x, window, stride, padding) * g)  # noqa: E731
+    dx = jax.grad(loss)(jnp.asarray(x))
+    # Compiled as the trainer compiles it (barriers kept): the same gradient.
+    jitted = jax.jit(jax.grad(loss), compiler_options=layers.barrier_compiler_options())(jnp.asarray(x))
+    np.testing.assert_array_equal(jitted, dx)
     xt = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
     yt = torch.nn.functional.max_pool2d(xt, window, stride, padding)
     yt.backward(torch.tensor(g.transpose(0, 3, 1, 2)))

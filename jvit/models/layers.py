@@ -296,7 +296,6 @@ def torch_dense(
     return dense(features, use_bias, name, dtype, torch_default_kernel_init, torch_default_bias_init(in_features))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def max_pool_2d(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:
     """``torch.nn.MaxPool2d`` on NHWC: explicit padding with -inf, floor mode.
 
@@ -305,6 +304,11 @@ def max_pool_2d(x: jax.Array, window: int, stride: int, padding: int) -> jax.Arr
     ``select_and_gather_add`` XLA:CPU runs 3x slower (SoT's stem pool at ``[8, 224, 224, 64]``:
     486 vs 145 ms forward + backward).
     """
+    return _max_pool_2d(x, window, stride, padding, x.shape[1:3])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _max_pool_2d(x: jax.Array, window: int, stride: int, padding: int, in_hw: tuple[int, int]) -> jax.Array:
     return nn.max_pool(x, (window, window), (stride, stride), ((padding, padding), (padding, padding)))
 
 
@@ -317,7 +321,7 @@ def _window_slices(x_padded: jax.Array, window: int, stride: int, out_hw: tuple[
             yield i, j, jax.lax.slice(x_padded, (0, i, j, 0), end, (1, stride, stride, 1))
 
 
-def _max_pool_2d_fwd(x, window, stride, padding):
+def _max_pool_2d_fwd(x, window, stride, padding, in_hw):
     # One pass over the window offsets gives the maximum and the offset of its first occurrence
     # (a later offset wins only if strictly greater). The offset, one int8 per output, is what the
     # backward needs; the barrier stores it, so the backward does not recompute the comparisons
@@ -325,7 +329,7 @@ def _max_pool_2d_fwd(x, window, stride, padding):
     if window * window > 127:
         raise ValueError(f"max_pool_2d: window {window} too large for the int8 argmax offset")
     x_padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=-jnp.inf)
-    out_hw = tuple((n + 2 * padding - window) // stride + 1 for n in x.shape[1:3])
+    out_hw = tuple((n + 2 * padding - window) // stride + 1 for n in in_hw)
     y = first = None
     for i, j, xs in _window_slices(x_padded, window, stride, out_hw):
         offset = jnp.int8(i * window + j)
@@ -333,16 +337,15 @@ def _max_pool_2d_fwd(x, window, stride, padding):
             y, first = xs, jnp.full(xs.shape, offset)
         else:
             first, y = jnp.where(xs > y, offset, first), jnp.maximum(y, xs)
-    return y, (jax.lax.optimization_barrier(first), x.shape)
+    return y, jax.lax.optimization_barrier(first)
 
 
-def _max_pool_2d_bwd(window, stride, padding, residuals, g):
+def _max_pool_2d_bwd(window, stride, padding, in_hw, first, g):
     # Each window offset (i, j) owns the outputs whose first maximum sits there; its gradient lands
     # on the padded input at rows i + stride*oh. Offsets are grouped by (i % stride, j % stride):
     # within a group they only shift by whole output cells, so each group is one plane of the
     # input's stride x stride phases, and interleaving the planes gives the input gradient with no
     # scatter.
-    first, x_shape = residuals
     # The planes read g up to (window / stride)^2 times per input cell: store it rather than let
     # XLA fuse its producers (e.g. the summed backward of every DenseNet layer) into each read.
     g = jax.lax.optimization_barrier(g)
@@ -360,12 +363,12 @@ def _max_pool_2d_bwd(window, stride, padding, residuals, g):
     rows = [jnp.stack([planes.get((pi, pj), zero) for pj in range(stride)], axis=3) for pi in range(stride)]
     dx = jnp.stack(rows, axis=2).reshape(b, nh * stride, nw * stride, c)
     # Rows and columns past the last window (floor mode) get no gradient.
-    hp, wp = x_shape[1] + 2 * padding, x_shape[2] + 2 * padding
+    (h, w), hp, wp = in_hw, in_hw[0] + 2 * padding, in_hw[1] + 2 * padding
     dx = jnp.pad(dx, ((0, 0), (0, max(hp - nh * stride, 0)), (0, max(wp - nw * stride, 0)), (0, 0)))
-    return (dx[:, padding : padding + x_shape[1], padding : padding + x_shape[2]],)
+    return (dx[:, padding : padding + h, padding : padding + w],)
 
 
-max_pool_2d.defvjp(_max_pool_2d_fwd, _max_pool_2d_bwd)
+_max_pool_2d.defvjp(_max_pool_2d_fwd, _max_pool_2d_bwd)
 
 
 def avg_pool_2d(x: jax.Array, window: int, stride: int) -> jax.Array:
