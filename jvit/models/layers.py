@@ -299,17 +299,13 @@ def torch_dense(
 def max_pool_2d(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:
     """``torch.nn.MaxPool2d`` on NHWC: explicit padding with -inf, floor mode.
 
-    The gradient goes to the first maximum of each window in row-major order, as PyTorch's
-    kernel routes it. It is computed here rather than by JAX's rule for ``reduce_window``, whose
-    ``select_and_gather_add`` XLA:CPU runs 3x slower (SoT's stem pool at ``[8, 224, 224, 64]``:
-    486 vs 145 ms forward + backward).
+    The maximum is taken over the window offsets' strided slices of the padded input (XLA:CPU runs
+    this faster than ``reduce_window``: 40 vs 50 ms for SoT's stem pool at ``[8, 224, 224, 64]``).
+    The gradient goes to the first maximum of each window in row-major order, as PyTorch's kernel
+    routes it. It is computed here rather than by JAX's rule for ``reduce_window``, whose
+    ``select_and_gather_add`` XLA:CPU runs 3x slower (same pool: 486 vs 145 ms forward + backward).
     """
     return _max_pool_2d(x, window, stride, padding, x.shape[1:3])
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
-def _max_pool_2d(x: jax.Array, window: int, stride: int, padding: int, in_hw: tuple[int, int]) -> jax.Array:
-    return nn.max_pool(x, (window, window), (stride, stride), ((padding, padding), (padding, padding)))
 
 
 def _window_slices(x_padded: jax.Array, window: int, stride: int, out_hw: tuple[int, int]):
@@ -321,11 +317,9 @@ def _window_slices(x_padded: jax.Array, window: int, stride: int, out_hw: tuple[
             yield i, j, jax.lax.slice(x_padded, (0, i, j, 0), end, (1, stride, stride, 1))
 
 
-def _max_pool_2d_fwd(x, window, stride, padding, in_hw):
-    # One pass over the window offsets gives the maximum and the offset of its first occurrence
-    # (a later offset wins only if strictly greater). The offset, one int8 per output, is what the
-    # backward needs; the barrier stores it, so the backward does not recompute the comparisons
-    # for every input cell it writes.
+def _max_and_first_offset(x, window, stride, padding, in_hw):
+    """The pooled maximum and, per output, the offset ``i * window + j`` (int8) of the first window
+    cell holding it: one pass over the offsets, a later one winning only if strictly greater."""
     if window * window > 127:
         raise ValueError(f"max_pool_2d: window {window} too large for the int8 argmax offset")
     x_padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=-jnp.inf)
@@ -337,6 +331,18 @@ def _max_pool_2d_fwd(x, window, stride, padding, in_hw):
             y, first = xs, jnp.full(xs.shape, offset)
         else:
             first, y = jnp.where(xs > y, offset, first), jnp.maximum(y, xs)
+    return y, first
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _max_pool_2d(x: jax.Array, window: int, stride: int, padding: int, in_hw: tuple[int, int]) -> jax.Array:
+    return _max_and_first_offset(x, window, stride, padding, in_hw)[0]  # under jit the offsets are dropped
+
+
+def _max_pool_2d_fwd(x, window, stride, padding, in_hw):
+    # The offsets are what the backward needs; the barrier stores them, so the backward does not
+    # recompute the comparisons for every input cell it writes.
+    y, first = _max_and_first_offset(x, window, stride, padding, in_hw)
     return y, jax.lax.optimization_barrier(first)
 
 
